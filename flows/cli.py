@@ -1,0 +1,86 @@
+"""The ``cnc`` command line: one command per job, each callable without Prefect.
+
+Arguments are checked before any work starts; a wrong one exits with status 2 and one line.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="Compose and Conquer: build triplet data, train, evaluate and generate.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr and exit non-zero."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def ingest(
+    source_format: str = typer.Option(..., "--source-format", help="folder, coco-stuff, pickapic or webdataset"),
+    source: str = typer.Option(..., "--source", help="source URL (path, file://, s3://, memory://)"),
+    out: str = typer.Option(..., "--out", help="output URL for the shards"),
+    size: int = typer.Option(512, "--size", help="side of the square centre crop"),
+    shard_size: int = typer.Option(256, "--shard-size", help="inputs per shard"),
+    resume: bool = typer.Option(False, "--resume", help="finish an unfinished run in --out"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="only the first N inputs"),
+    quality: int = typer.Option(95, "--quality", help="JPEG quality of the crops"),
+) -> None:
+    """Shard source images into WebDataset tars of centre crops (Ray Data)."""
+    from tasks.ingest import OutputConflict, run_ingest
+    from tasks.sources import SOURCE_FORMATS
+    from tasks.sources.base import SourceError
+
+    if source_format not in SOURCE_FORMATS:
+        fail(f"unknown --source-format {source_format!r}; choose one of {', '.join(SOURCE_FORMATS)}")
+    try:
+        result = run_ingest(source_format, source, out, size=size, shard_size=shard_size, resume=resume,
+                            limit=limit, quality=quality, progress=True)
+    except (SourceError, OutputConflict, OSError, ValueError) as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    typer.echo(result.summary())
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("demo-output", "--out", help="where the demo writes everything"),
+) -> None:
+    """Run the main job end to end on bundled sample photos with the tiny preset, through Prefect."""
+    from flows.demo import run_demo
+
+    run_demo(out)
+
+
+def _register_optional_commands() -> None:
+    """Commands whose modules live beside this one (generation, GLoD, triplets, ...)."""
+    import importlib
+
+    for name, module, func in (
+        ("generate", "flows.commands.generate", "generate"),
+        ("glod", "flows.commands.glod", "glod"),
+        ("build-triplets", "flows.commands.build_triplets", "build_triplets"),
+    ):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        app.command(name)(getattr(mod, func))
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Starting or joining Ray: local by default, a cluster when ``RAY_ADDRESS`` is set.
+
+Nothing else in the project changes between a laptop and a cluster: the same jobs run, with
+storage URLs pointing at shared storage (S3) on a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray sized to this machine.
+
+    Reuses an already initialised Ray (tests, notebooks). Returns the cluster's resources.
+    """
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            log.info("joining Ray cluster at %s", address)
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=_want_dashboard(),
+                     log_to_driver=False)
+    return ray.cluster_resources()
+
+
+def _want_dashboard() -> bool:
+    return os.environ.get("CNC_RAY_DASHBOARD", "1") not in ("0", "false", "no")
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's own progress bars fight with ours in a terminal; we show one bar per job."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False

@@ -1,0 +1,93 @@
+"""A real local Prefect stack for end-to-end tests: server (SQLite), process work pool, worker.
+
+Everything runs as subprocesses on 127.0.0.1 with a private PREFECT_HOME, exactly as a user runs
+`prefect server start`, `prefect deploy` and `prefect worker start`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.integration.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+class PrefectStack:
+    def __init__(self, home: Path, pool: str = "cnc-local"):
+        self.home = home
+        self.pool = pool
+        self.port = free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": self.api,
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+                    "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+                    "CNC_RAY_DASHBOARD": "0", "PYTHONUNBUFFERED": "1"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.procs: list[subprocess.Popen] = []
+
+    def _spawn(self, *args: str, log: str) -> subprocess.Popen:
+        fh = open(self.home / log, "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([PREFECT, *args], cwd=REPO, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        proc = subprocess.run([PREFECT, "--no-prompt", *args], cwd=REPO, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    def start(self) -> PrefectStack:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self._spawn("server", "start", "--host", "127.0.0.1", "--port", str(self.port), log="server.log")
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("prefect server did not start:\n" + self.log("server.log"))
+        self.cli("work-pool", "create", self.pool, "--type", "process")
+        return self
+
+    def deploy(self, name: str) -> None:
+        self.cli("deploy", "--name", name)
+
+    def start_worker(self) -> None:
+        self._spawn("worker", "start", "--pool", self.pool, log="worker.log")
+
+    def run_deployment(self, deployment: str, params: dict, timeout: int = 600) -> str:
+        """`prefect deployment run ... --watch`; returns the flow run's final state name."""
+        proc = subprocess.run([PREFECT, "--no-prompt", "deployment", "run", deployment, "--params", json.dumps(params),
+                               "--watch", "--watch-interval", "2", "--watch-timeout", str(timeout)], cwd=REPO,
+                              env=self.env, capture_output=True, text=True, timeout=timeout + 60)
+        return proc.stdout + proc.stderr
+
+    def log(self, name: str) -> str:
+        path = self.home / name
+        return path.read_text(errors="replace")[-5000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(self.home / "storage", ignore_errors=True)
