@@ -22,7 +22,7 @@ def ingest_shards(params: IngestParams) -> dict[str, Any]:
 
 
 @flow(name="ingest", log_prints=True)
-def ingest_flow(params: IngestParams) -> dict[str, Any]:
+def ingest(params: IngestParams) -> dict[str, Any]:
     """Shard a source into WebDataset tars with an index, a rejects table and a manifest."""
     result = ingest_shards(params)
     counts = {"inputs": result["num_inputs"], "samples": result["num_samples"], "rejects": result["num_rejects"],

@@ -19,3 +19,28 @@ class IngestParams(BaseModel):
     shard_size: int = Field(256, ge=1, description="inputs per shard")
     quality: int = Field(95, ge=50, le=100, description="JPEG quality of the crops")
     limit: Optional[int] = Field(None, ge=1, description="only the first N inputs (for trials)")
+
+
+class StageParams(BaseModel):
+    """Resources of one model stage's Ray actor pool."""
+
+    batch_size: int = Field(8, ge=1, description="samples per model call")
+    num_cpus: Optional[float] = Field(None, gt=0, description="CPUs per actor (default: share the machine)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
+    max_actors: int = Field(1, ge=1, description="largest size of the stage's actor pool")
+
+
+class BuildTripletsParams(BaseModel):
+    """Source images -> CnC triplets: ingest, then saliency, inpainting and depth on Ray."""
+
+    source_format: SourceFormat = Field("folder", description="layout of the source")
+    source: str = Field(..., description="source URL: a path, file://, s3://")
+    out: str = Field(..., description="output URL; ingest/ and triplets/ are written under it")
+    preset: Literal["tiny", "sd15"] = Field("tiny", description="model preset")
+    size: int = Field(512, ge=8, le=4096, description="side of the square crops")
+    shard_size: int = Field(256, ge=1, description="inputs per shard")
+    limit: Optional[int] = Field(None, ge=1, description="only the first N inputs")
+    inpaint_steps: int = Field(25, ge=1, le=200, description="denoising steps of the inpainting")
+    clip: bool = Field(False, description="also store CLIP image embeddings of fg and bg")
+    stages: dict[str, StageParams] = Field(default_factory=dict,
+                                           description="per-stage resources, e.g. {'inpaint': {'num_gpus': 1}}")

@@ -267,7 +267,9 @@ def _run_on_ray(cfg: IngestConfig, pending: list[ShardPlan], progress: bool,
     quiet_ray_data()
     items = [{"plan": json.dumps(asdict(p))} for p in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map(_shard_task, fn_kwargs={"cfg": cfg}, num_cpus=1, max_retries=5)
+    # Ray Data retries a task whose worker or node died (max_retries=-1 by default); shards are
+    # atomic and deterministic, so a retry rewrites the same bytes.
+    ds = ds.map(_shard_task, fn_kwargs={"cfg": cfg}, num_cpus=1)
     bar = _progress_bar(sum(p.size for p in pending), progress)
     out = []
     for row in ds.iter_rows():

@@ -66,7 +66,7 @@ class PrefectStack:
         return self
 
     def deploy(self, name: str) -> None:
-        self.cli("deploy", "--name", name)
+        self.cli("deploy", "--name", name)  # "flow/deployment"
 
     def start_worker(self) -> None:
         self._spawn("worker", "start", "--pool", self.pool, log="worker.log")

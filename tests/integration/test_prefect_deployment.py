@@ -25,7 +25,7 @@ def test_ingest_deployment_runs_through_a_worker(prefect_stack, tmp_path: Path):
     photos = tmp_path / "photos"
     write_sample_folder(str(photos))
     out = tmp_path / "out"
-    prefect_stack.deploy("local")
+    prefect_stack.deploy("ingest/local")
     output = prefect_stack.run_deployment("ingest/local", {"params": {
         "source_format": "folder", "source": str(photos), "out": str(out), "size": 64, "shard_size": 4}})
     assert "Completed" in output, output + prefect_stack.log("worker.log")

@@ -1,0 +1,378 @@
+"""build-triplets: ingested shards -> CnC triplet shards, as one streaming Ray Data job.
+
+    ingest shards ─read─▶ saliency ─▶ mask filter ─▶ foreground ─▶ inpaint ─▶ depth ─▶ [clip] ─stage─▶ assemble
+                          (each model stage is an actor pool: the model loads once per actor)
+
+Samples travel as encoded bytes. Finished batches are staged at once (see
+:mod:`tasks.triplets.staging`); a shard is assembled, in ingest order, as soon as its last sample
+is staged. Every source ends as a triplet or a reject: ingest rejects are carried over
+(``ingest:<reason>``) so ``triplets + rejects == sources`` holds for the whole chain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tasks import storage
+from tasks.manifest import versions
+from tasks.shards import iter_tar_samples, read_index, shard_urls
+from tasks.triplets import staging
+from tasks.triplets.stage_runner import StageRunner
+
+log = logging.getLogger(__name__)
+
+# stage column -> file name inside a triplet sample (see docs/data-format.md)
+OUTPUT_FILES = {
+    "jpg": "src.jpg",
+    "mask_png": "mask.png",
+    "fg_png": "fg.png",
+    "bg_jpg": "bg.jpg",
+    "depth_fg_png": "depth_fg.png",
+    "depth_bg_png": "depth_bg.png",
+    "clip_fg_npy": "clip_fg.npy",
+    "clip_bg_npy": "clip_bg.npy",
+}
+_INTERNAL = {"key", "source_id", "txt", "reject", "shard", "dilated_png", *OUTPUT_FILES}
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """Resources and batch size of one stage's actor pool."""
+
+    batch_size: int = 8
+    num_cpus: float | None = None  # None: share the CPUs between the stages
+    num_gpus: float = 0.0
+    max_actors: int = 1
+    cfg: dict[str, Any] = field(default_factory=dict)  # passed to the stage's constructor
+
+
+@dataclass(frozen=True)
+class TripletsConfig:
+    ingest_url: str
+    out_url: str
+    preset: str = "tiny"
+    clip: bool = False
+    stages: dict[str, StageOptions] = field(default_factory=dict)
+
+    def stage_names(self) -> list[str]:
+        names = ["saliency", "mask_filter", "foreground", "inpaint", "depth"]
+        return names + ["clip"] if self.clip else names
+
+    def options(self, name: str) -> StageOptions:
+        return self.stages.get(name, StageOptions())
+
+    def identity(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("out_url")
+        d["stages"] = {k: {"cfg": v.cfg} for k, v in sorted(self.stages.items())}  # resources don't change bytes
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+@dataclass
+class TripletsResult:
+    out_url: str
+    num_sources: int
+    num_triplets: int
+    num_rejects: int
+    rejects_by_reason: dict[str, int]
+    shard_urls: list[str]
+    stage_seconds: dict[str, float]
+    preview_url: str | None = None
+    shards_written: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (f"{self.num_sources} sources -> {self.num_triplets} triplets + {self.num_rejects} rejects in "
+                f"{len(self.shard_urls)} shards at {self.out_url}")
+
+
+class TripletsInputError(ValueError):
+    """The input is not a finished ingest output, or the output holds something else."""
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+def ingest_rows(ingest_url: str, shard: int, skip: set[str]) -> Iterator[dict[str, Any]]:
+    """The ingested samples of one shard as stage rows, minus keys already staged."""
+    tar_url, _ = shard_urls(storage.join(ingest_url, "shards"), shard)
+    for s in iter_tar_samples(tar_url):
+        if s["__key__"] in skip:
+            continue
+        meta = json.loads(s.get("json", b"{}"))
+        yield {"shard": shard, "key": s["__key__"], "source_id": meta.get("source_id", s["__key__"]),
+               "jpg": s["jpg"], "txt": s.get("txt", b"").decode("utf-8"), "mask_png": s.get("mask.png", b""),
+               "reject": ""}
+
+
+def _flat_read(item: dict[str, Any], ingest_url: str) -> Iterator[dict[str, Any]]:
+    yield from ingest_rows(ingest_url, int(item["shard"]), set(json.loads(item["skip"])))
+
+
+# ------------------------------------------------------------------------------------ staging
+
+
+def batch_to_rows(batch: dict[str, np.ndarray], preset_ids: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Finished stage columns -> rows for :func:`staging.write_part` (files keyed by sample name)."""
+    n = len(batch["key"])
+    extra_cols = [c for c in batch if c not in _INTERNAL and not c.startswith("_t_")]
+    for i in range(n):
+        reject = str(batch["reject"][i] or "")
+        files: dict[str, bytes] = {}
+        if not reject:
+            for col, name in OUTPUT_FILES.items():
+                if col in batch and len(batch[col][i]):
+                    files[name] = bytes(batch[col][i])
+            caption = str(batch["txt"][i])
+            if caption:
+                files["txt"] = caption.encode("utf-8")
+            meta = {"source_id": str(batch["source_id"][i]), "key": str(batch["key"][i]), "models": preset_ids}
+            for c in extra_cols:
+                v = batch[c][i]
+                meta[c] = v.item() if hasattr(v, "item") else v
+            files["json"] = json.dumps(meta, sort_keys=True, default=str).encode()
+        yield {"key": str(batch["key"][i]), "source_id": str(batch["source_id"][i]), "caption": str(batch["txt"][i]),
+               "files": files, "reject": reject}
+
+
+def stage_batch(batch: dict[str, np.ndarray], out_url: str, preset_ids: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Write a finished batch as one part per shard; report (shard, count, stage seconds)."""
+    shards = np.asarray(batch["shard"]).astype(np.int64)
+    rows = list(batch_to_rows(batch, preset_ids))
+    timing_cols = [c for c in batch if c.startswith("_t_")]
+    out: dict[str, list] = {"shard": [], "n": [], "timings": []}
+    for s in sorted(set(shards.tolist())):
+        idx = np.nonzero(shards == s)[0]
+        staging.write_part(out_url, s, [rows[i] for i in idx])
+        out["shard"].append(s)
+        out["n"].append(len(idx))
+        out["timings"].append(json.dumps({c[3:]: float(np.sum(batch[c][idx])) for c in timing_cols}))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------- driver
+
+
+def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: bool = False,
+                 stages: dict[str, StageOptions] | None = None, resume: bool = False, progress: bool = False,
+                 executor: str = "ray", on_shard: Callable[[int], None] | None = None) -> TripletsResult:
+    """Turn a finished ingest output into triplet shards. Idempotent and resumable per sample."""
+    t0 = time.perf_counter()
+    cfg = TripletsConfig(ingest_url.rstrip("/"), out_url.rstrip("/"), preset, clip, dict(stages or {}))
+    ingest_manifest = _validate(cfg, executor)
+    _claim_output(cfg, resume)
+    num_shards = len(ingest_manifest["shards"])
+    shards_url = storage.join(cfg.out_url, "shards")
+    expected = {i: read_index(shard_urls(storage.join(cfg.ingest_url, "shards"), i)[1]).to_pylist()
+                for i in range(num_shards) if not storage.exists(shard_urls(shards_url, i)[1])}
+    todo: dict[int, set[str]] = {}
+    for i, rows in expected.items():
+        staged = set(staging.staged_rows(cfg.out_url, i))
+        todo[i] = {r["key"] for r in rows if r["status"] == "ok"} - staged
+    stage_seconds: Counter[str] = Counter()
+    written: list[int] = []
+
+    def assembled(i: int) -> None:
+        written.append(i)
+        if on_shard:
+            on_shard(i)
+
+    if executor == "ray":
+        _run_on_ray(cfg, expected, todo, stage_seconds, progress, assembled)
+    else:
+        _run_local(cfg, expected, todo, stage_seconds, progress, assembled)
+    result = finalize(cfg, ingest_manifest, num_shards, dict(stage_seconds))
+    result.shards_written = len(written)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _validate(cfg: TripletsConfig, executor: str) -> dict[str, Any]:
+    from cnc_model.presets import get_preset
+
+    if executor not in ("ray", "local"):
+        raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
+    if executor == "ray" and any(u.startswith("memory://") for u in (cfg.ingest_url, cfg.out_url)):
+        raise ValueError("memory:// lives inside one process; Ray workers cannot see it (use executor='local')")
+    get_preset(cfg.preset)
+    for name in cfg.stages:
+        if name not in cfg.stage_names():
+            raise ValueError(f"unknown stage {name!r} in stage options; stages: {', '.join(cfg.stage_names())}")
+    manifest_url = storage.join(cfg.ingest_url, "manifest.json")
+    if not storage.exists(manifest_url):
+        raise TripletsInputError(f"{cfg.ingest_url} is not a finished ingest output (no manifest.json)")
+    manifest = storage.read_json(manifest_url)
+    if manifest.get("kind") != "cnc-ingest":
+        raise TripletsInputError(f"{cfg.ingest_url} is not an ingest output (kind {manifest.get('kind')!r})")
+    storage.check_writable(cfg.out_url)
+    return manifest
+
+
+def _claim_output(cfg: TripletsConfig, resume: bool) -> None:
+    config_url = storage.join(cfg.out_url, "_config.json")
+    wanted = cfg.identity()
+    if storage.exists(config_url):
+        if storage.read_json(config_url) != wanted:
+            raise TripletsInputError(f"{cfg.out_url} holds a run with a different config; use another --out")
+        if not storage.exists(storage.join(cfg.out_url, "manifest.json")) and not resume:
+            raise TripletsInputError(f"{cfg.out_url} holds an unfinished run; pass --resume to finish it")
+        return
+    storage.write_json(config_url, wanted)
+
+
+def _default_cpus(cfg: TripletsConfig, total_cpus: float) -> float:
+    """Without explicit requests the stages share the CPUs, leaving room for read and stage tasks."""
+    return max(0.1, round(total_cpus * 0.8 / len(cfg.stage_names()), 2))
+
+
+def _preset_ids(cfg: TripletsConfig) -> dict[str, Any]:
+    from cnc_model.presets import get_preset
+
+    return get_preset(cfg.preset).to_dict()
+
+
+def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict[int, set[str]],
+                stage_seconds: Counter, progress: bool, assembled: Callable[[int], None]) -> None:
+    import ray
+
+    from tasks.ray_runtime import init_ray, quiet_ray_data
+
+    resources = init_ray()
+    quiet_ray_data()
+    assemble = ray.remote(num_cpus=0.5, max_retries=5)(staging.assemble_shard)
+    futures = {i: assemble.remote(cfg.out_url, i, expected[i]) for i in expected if not todo[i]}
+    pending = [i for i in expected if todo[i]]
+    if pending:
+        ctx = ray.data.DataContext.get_current()
+        ctx.max_errored_blocks = 0
+        items = [{"shard": i, "skip": json.dumps(sorted(k for k in staging.staged_rows(cfg.out_url, i)))}
+                 for i in pending]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # Ray Data retries tasks and restarts actors lost with a node by default; a sample reaches
+        # staging at most once per successful batch, and staging tolerates repeats.
+        ds = ds.flat_map(_flat_read, fn_kwargs={"ingest_url": cfg.ingest_url}, num_cpus=0.25)
+        cpus = _default_cpus(cfg, resources.get("CPU", 1.0))
+        for name in cfg.stage_names():
+            opt = cfg.options(name)
+            num_cpus = opt.num_cpus if opt.num_cpus is not None else cpus
+            ds = ds.map_batches(
+                StageRunner,
+                fn_constructor_kwargs={"name": name, "preset": cfg.preset, "cfg": opt.cfg,
+                                       "torch_threads": max(1, int(num_cpus))},
+                batch_size=opt.batch_size, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=opt.max_actors),
+                num_cpus=num_cpus, num_gpus=opt.num_gpus or None,
+            )
+        ds = ds.map_batches(stage_batch, fn_kwargs={"out_url": cfg.out_url, "preset_ids": _preset_ids(cfg)},
+                            batch_format="numpy", batch_size=cfg.options("inpaint").batch_size, num_cpus=0.25)
+        remaining = {i: len(todo[i]) for i in pending}
+        bar = _bar(sum(remaining.values()), progress)
+        for row in ds.iter_rows():
+            i, n = int(row["shard"]), int(row["n"])
+            stage_seconds.update(json.loads(row["timings"]))
+            bar.update(n)
+            remaining[i] -= n
+            if remaining[i] <= 0 and i not in futures:
+                futures[i] = assemble.remote(cfg.out_url, i, expected[i])
+        bar.close()
+        for i in pending:  # a retried batch may have been counted twice: make sure every shard is assembled
+            if i not in futures:
+                futures[i] = assemble.remote(cfg.out_url, i, expected[i])
+    for i, fut in futures.items():
+        ray.get(fut)
+        assembled(i)
+
+
+def _run_local(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict[int, set[str]],
+               stage_seconds: Counter, progress: bool, assembled: Callable[[int], None]) -> None:
+    """Every stage in this process, one after another (debugging, memory://, the inline bound)."""
+    runners = [StageRunner(n, cfg.preset, cfg.options(n).cfg) for n in cfg.stage_names()]
+    bs = cfg.options("inpaint").batch_size
+    preset_ids = _preset_ids(cfg)
+    bar = _bar(sum(len(t) for t in todo.values()), progress)
+    for i in expected:
+        skip = set(staging.staged_rows(cfg.out_url, i))
+        buf: list[dict[str, Any]] = []
+        for row in ingest_rows(cfg.ingest_url, i, skip):
+            buf.append(row)
+            if len(buf) == bs:
+                _local_batch(buf, runners, cfg.out_url, preset_ids, stage_seconds)
+                bar.update(len(buf))
+                buf = []
+        if buf:
+            _local_batch(buf, runners, cfg.out_url, preset_ids, stage_seconds)
+            bar.update(len(buf))
+        staging.assemble_shard(cfg.out_url, i, expected[i])
+        assembled(i)
+    bar.close()
+
+
+def _local_batch(rows: list[dict[str, Any]], runners: list[StageRunner], out_url: str, preset_ids: dict,
+                 stage_seconds: Counter) -> None:
+    batch = {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
+    batch["shard"] = batch["shard"].astype(np.int64)
+    for runner in runners:
+        batch = runner(batch)
+    out = stage_batch(batch, out_url, preset_ids)
+    for t in out["timings"]:
+        stage_seconds.update(json.loads(t))
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", disable=not enabled, desc="triplets")
+
+
+# ------------------------------------------------------------------------------------ finish
+
+
+def finalize(cfg: TripletsConfig, ingest_manifest: dict, num_shards: int, stage_seconds: dict[str, float]
+             ) -> TripletsResult:
+    """Rejects table, manifest and contact sheet for the whole output (atomic writes)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.triplets.preview import write_contact_sheet
+
+    shards_url = storage.join(cfg.out_url, "shards")
+    rejects: list[dict[str, Any]] = []
+    shards: list[dict[str, Any]] = []
+    for i in range(num_shards):
+        rows = read_index(shard_urls(shards_url, i)[1]).select(["source_id", "status", "reason"]).to_pylist()
+        rej = [{"source_id": r["source_id"], "reason": r["reason"], "shard": i} for r in rows if r["status"] != "ok"]
+        rejects += rej
+        shards.append({"tar": f"shards/shard-{i:06d}.tar", "triplets": len(rows) - len(rej), "rejects": len(rej)})
+    triplets = sum(s["triplets"] for s in shards)
+    reasons = Counter(r["reason"] for r in rejects)
+    schema = pa.schema([("source_id", pa.string()), ("reason", pa.string()), ("shard", pa.int32())])
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rejects, schema=schema), buf, compression="zstd")
+    storage.write_bytes(storage.join(cfg.out_url, "rejects.parquet"), buf.getvalue())
+    urls = [shard_urls(shards_url, i)[0] for i in range(num_shards)]
+    preview = write_contact_sheet(urls, storage.join(cfg.out_url, "preview.png"))
+    manifest = {
+        "kind": "cnc-triplets",
+        "counts": {"sources": triplets + len(rejects), "triplets": triplets, "rejects": len(rejects),
+                   "rejects_by_reason": dict(sorted(reasons.items()))},
+        "ingest": {"url": cfg.ingest_url, "counts": ingest_manifest["counts"], "config": ingest_manifest["config"]},
+        "config": cfg.identity(),
+        "models": _preset_ids(cfg),
+        "files": {**{v: k for k, v in OUTPUT_FILES.items()}, "txt": "caption", "json": "metadata"},
+        "versions": versions(),
+        "shards": shards,
+    }
+    storage.write_json(storage.join(cfg.out_url, "manifest.json"), manifest)
+    by_stage = defaultdict(float, stage_seconds)
+    return TripletsResult(cfg.out_url, triplets + len(rejects), triplets, len(rejects), dict(reasons), urls,
+                          dict(by_stage), preview)

@@ -1,0 +1,57 @@
+"""The command line fails fast, with one line and status 2, on wrong arguments."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def one_line_error(result) -> str:
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_unknown_format(tmp_path):
+    line = one_line_error(run("ingest", "--source-format", "zip", "--source", str(tmp_path), "--out", str(tmp_path)))
+    assert "unknown --source-format 'zip'" in line and "folder" in line
+
+
+def test_missing_source(tmp_path):
+    line = one_line_error(run("ingest", "--source-format", "folder", "--source", str(tmp_path / "nope"),
+                              "--out", str(tmp_path / "out")))
+    assert "nope" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "file").write_text("a file, not a folder")
+    line = one_line_error(run("ingest", "--source-format", "folder", "--source", str(tmp_path / "src"),
+                              "--out", str(tmp_path / "file" / "out")))
+    assert "not writable" in line
+
+
+@pytest.mark.parametrize("bad", [["--size", "2"], ["--shard-size", "0"]])
+def test_bad_numbers(tmp_path, bad):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.jpg").write_bytes(b"x")
+    one_line_error(run("ingest", "--source-format", "folder", "--source", str(tmp_path / "src"),
+                       "--out", str(tmp_path / "out"), *bad))
+
+
+def test_build_triplets_rejects_an_unknown_preset(tmp_path):
+    line = one_line_error(run("build-triplets", "--source-format", "folder", "--source", str(tmp_path),
+                              "--out", str(tmp_path / "o"), "--preset", "sdxl"))
+    assert "unknown --preset 'sdxl'" in line
