@@ -142,7 +142,7 @@ def process_shard(cfg: IngestConfig, plan: ShardPlan) -> dict[str, Any]:
                 files = {"jpg": prepared.jpeg}
                 meta: dict[str, Any] = {"source_id": item.source_id, "orig_width": prepared.orig_width,
                                         "orig_height": prepared.orig_height, "crop_box": list(prepared.crop_box),
-                                        **item.meta}
+                                        "flags": list(prepared.flags), **item.meta}
                 if item.label_map is not None:
                     files["mask.png"] = prepare_label_map(item.label_map, prepared)
                 caption = item.caption

@@ -266,7 +266,7 @@ def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict
             ds = ds.map_batches(
                 StageRunner,
                 fn_constructor_kwargs={"name": name, "preset": cfg.preset, "cfg": opt.cfg,
-                                       "torch_threads": max(1, int(num_cpus))},
+                                       "batch_size": opt.batch_size, "torch_threads": max(1, int(num_cpus))},
                 batch_size=opt.batch_size, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=opt.max_actors),
                 num_cpus=num_cpus, num_gpus=opt.num_gpus or None,
@@ -294,7 +294,7 @@ def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict
 def _run_local(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict[int, set[str]],
                stage_seconds: Counter, progress: bool, assembled: Callable[[int], None]) -> None:
     """Every stage in this process, one after another (debugging, memory://, the inline bound)."""
-    runners = [StageRunner(n, cfg.preset, cfg.options(n).cfg) for n in cfg.stage_names()]
+    runners = [StageRunner(n, cfg.preset, cfg.options(n).cfg, cfg.options(n).batch_size) for n in cfg.stage_names()]
     bs = cfg.options("inpaint").batch_size
     preset_ids = _preset_ids(cfg)
     bar = _bar(sum(len(t) for t in todo.values()), progress)

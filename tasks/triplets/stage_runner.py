@@ -9,23 +9,12 @@ from typing import Any
 
 import numpy as np
 
-STAGE_NAMES = ("saliency", "mask_filter", "foreground", "inpaint", "depth", "clip")
-
-
 def stage_class(name: str) -> type:
-    from tasks.triplets import stages
+    from tasks.triplets.stages import STAGE_CLASSES
 
-    classes = {
-        "saliency": stages.SaliencyStage,
-        "mask_filter": stages.MaskFilterStage,
-        "foreground": stages.ForegroundStage,
-        "inpaint": stages.InpaintStage,
-        "depth": stages.DepthStage,
-        "clip": stages.ClipStage,
-    }
-    if name not in classes:
-        raise ValueError(f"unknown stage {name!r}; known: {', '.join(classes)}")
-    return classes[name]
+    if name not in STAGE_CLASSES:
+        raise ValueError(f"unknown stage {name!r}; known: {', '.join(STAGE_CLASSES)}")
+    return STAGE_CLASSES[name]
 
 
 class _StageMetrics:
@@ -70,13 +59,15 @@ class _StageMetrics:
 class StageRunner:
     """The callable class handed to ``Dataset.map_batches`` for stage ``name``."""
 
-    def __init__(self, name: str, preset: str, cfg: dict[str, Any] | None = None, torch_threads: int | None = None):
+    def __init__(self, name: str, preset: str, cfg: dict[str, Any] | None = None, batch_size: int | None = None,
+                 torch_threads: int | None = None):
         if torch_threads:
             import torch
 
             torch.set_num_threads(torch_threads)
         self.name = name
-        self.stage = stage_class(name)(preset=preset, **(cfg or {}))
+        extra = {"batch_size": batch_size} if batch_size else {}
+        self.stage = stage_class(name)(preset=preset, **extra, **(cfg or {}))
         self.metrics = _StageMetrics(name)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

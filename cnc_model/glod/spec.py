@@ -1,0 +1,223 @@
+"""The GLoD prompt spec: global prompts, local prompts with regions, weights, layout guidance.
+
+A spec is a YAML or JSON file (or a dict) that the CLI, the pipeline and the sweep flow share::
+
+    width: 512                      # the image the boxes are drawn on (pixels)
+    height: 512
+    negative_prompt: ""
+    global_prompts:
+      - text: "a man is talking with a woman"
+        weight: 7.5                 # the CFG weight of this layer
+    local_prompts:
+      - text: "a man with white beard"
+        object: "man"               # word(s) of a global prompt this prompt details
+        box: [32, 64, 240, 480]     # x0, y0, x1, y1 in pixels (or `mask: man.png`)
+        weight: 5.0
+    local_steps: [0.0, 0.8]         # fraction of the schedule in which local guidance applies
+    feather: 16                     # pixels of inward soft edge of every region
+    layout_guidance: {strength: 0.0, steps: 10, iterations: 1}
+
+Boxes are in the spec's pixel frame; a pipeline rendering at another size scales them.
+:func:`load_spec` turns every problem into one :class:`SpecError` listing each bad field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Weight = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+"""A number (int or float), never a string or a bool, never NaN/inf."""
+Pixels = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class SpecError(ValueError):
+    """The spec is invalid; the message names every offending field, one per line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+class GlobalPrompt(_Strict):
+    """A scene-level prompt (objects and their interactions) and its guidance weight."""
+
+    text: str
+    weight: Weight = 7.5
+
+    _check_text = field_validator("text")(_non_empty)
+
+
+class LocalPrompt(_Strict):
+    """A prompt detailing one object of a global prompt inside a region (box or mask)."""
+
+    text: str
+    object: str
+    """Word or words of a global prompt that this local prompt details (e.g. "man")."""
+    box: Optional[tuple[Pixels, Pixels, Pixels, Pixels]] = None
+    """x0, y0, x1, y1 in pixels of the spec's width/height."""
+    mask: Optional[str] = None
+    """Path of a grey-level mask image (white = region), relative to the spec file."""
+    weight: Weight = 5.0
+    global_index: Optional[int] = Field(default=None, strict=True, ge=0)
+    """Which global prompt holds ``object``; default: the first that contains it."""
+
+    _check_text = field_validator("text", "object")(_non_empty)
+
+    @model_validator(mode="after")
+    def _one_region(self) -> "LocalPrompt":
+        if (self.box is None) == (self.mask is None):
+            raise ValueError("give exactly one of `box` or `mask`")
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            if not (x1 > x0 and y1 > y0):
+                raise ValueError(f"box {list(self.box)} must have x1 > x0 and y1 > y0")
+        return self
+
+
+class LayoutGuidance(_Strict):
+    """Backward guidance on the object tokens' cross-attention maps (off when strength is 0)."""
+
+    strength: Weight = Field(default=0.0, ge=0)
+    steps: int = Field(default=10, strict=True, ge=0)
+    """Number of first denoising steps in which x_t is nudged."""
+    iterations: int = Field(default=1, strict=True, ge=1)
+    """Gradient steps on x_t per guided denoising step."""
+    layers: tuple[str, ...] = ("mid", "up")
+    """UNet parts whose cross-attention maps enter the loss: any of "down", "mid", "up"."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.strength > 0 and self.steps > 0
+
+    @field_validator("layers")
+    @classmethod
+    def _known_layers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = sorted(set(value) - {"down", "mid", "up"})
+        if bad or not value:
+            raise ValueError(f"layers must be a non-empty subset of down, mid, up; got {list(value)}")
+        return value
+
+
+class GLoDSpec(_Strict):
+    """Everything GLoD needs besides the model and the sampler settings."""
+
+    width: int = Field(default=512, strict=True, gt=0)
+    height: int = Field(default=512, strict=True, gt=0)
+    negative_prompt: str = ""
+    global_prompts: list[GlobalPrompt] = Field(min_length=1)
+    local_prompts: list[LocalPrompt] = Field(default_factory=list)
+    local_steps: tuple[Weight, Weight] = (0.0, 1.0)
+    """[start, end) fractions of the schedule in which local guidance applies."""
+    feather: Pixels = Field(default=0.0, ge=0)
+    """Width in pixels of the soft inner edge of every local region (0 = hard edge)."""
+    layout_guidance: LayoutGuidance = Field(default_factory=LayoutGuidance)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "GLoDSpec":
+        errors = []
+        start, end = self.local_steps
+        if not 0.0 <= start <= end <= 1.0:
+            errors.append(f"local_steps: need 0 <= start <= end <= 1, got {[start, end]}")
+        for i, local in enumerate(self.local_prompts):
+            where = f"local_prompts.{i}"
+            if local.box is not None:
+                x0, y0, x1, y1 = local.box
+                if x0 < 0 or y0 < 0 or x1 > self.width or y1 > self.height:
+                    errors.append(
+                        f"{where}.box: {list(local.box)} lies outside the {self.width}x{self.height} image"
+                    )
+            if local.global_index is not None:
+                if local.global_index >= len(self.global_prompts):
+                    errors.append(f"{where}.global_index: {local.global_index} but only "
+                                  f"{len(self.global_prompts)} global prompt(s)")
+                elif not contains_words(self.global_prompts[local.global_index].text, local.object):
+                    errors.append(f"{where}.object: {local.object!r} is not a word of global prompt "
+                                  f"{local.global_index} ({self.global_prompts[local.global_index].text!r})")
+            elif not any(contains_words(g.text, local.object) for g in self.global_prompts):
+                errors.append(f"{where}.object: {local.object!r} is not a word of any global prompt "
+                              f"({', '.join(repr(g.text) for g in self.global_prompts)})")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def global_index_of(self, local: LocalPrompt) -> int:
+        """Index of the global prompt holding ``local.object``."""
+        if local.global_index is not None:
+            return local.global_index
+        return next(i for i, g in enumerate(self.global_prompts) if contains_words(g.text, local.object))
+
+    @classmethod
+    def single(cls, prompt: str, guidance_scale: float = 7.5, negative_prompt: str = "",
+               width: int = 512, height: int = 512) -> "GLoDSpec":
+        """A spec with one global prompt: GLoD reduces to plain classifier-free guidance."""
+        return cls(global_prompts=[GlobalPrompt(text=prompt, weight=guidance_scale)],
+                   negative_prompt=negative_prompt, width=width, height=height)
+
+
+def word_span(text: str, words: str) -> tuple[int, int] | None:
+    """Character span of the first whole-word, case-insensitive occurrence of ``words`` in ``text``
+    (runs of whitespace in ``words`` match any whitespace), or None."""
+    parts = [re.escape(p) for p in words.split()]
+    if not parts:
+        return None
+    match = re.search(r"(?<!\w)" + r"\s+".join(parts) + r"(?!\w)", text, flags=re.IGNORECASE)
+    return match.span() if match else None
+
+
+def contains_words(text: str, words: str) -> bool:
+    """Whether ``words`` occurs in ``text`` as whole words (case-insensitive)."""
+    return word_span(text, words) is not None
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid GLoD spec {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] in ("float_type", "int_type") and "input" in err:
+            msg = f"must be a number, got {err['input']!r}"
+        for part in msg.split("; "):
+            lines.append(f"  {loc}: {part}" if not part.startswith(("local_prompts.", "local_steps")) else f"  {part}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, source: str = "<dict>") -> GLoDSpec:
+    """Validate a dict (already parsed YAML/JSON) into a :class:`GLoDSpec`, or raise SpecError."""
+    if isinstance(data, GLoDSpec):
+        return data
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid GLoD spec {source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return GLoDSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_errors(exc, source)) from None
+
+
+def load_spec(path: str | Path) -> GLoDSpec:
+    """Read and validate a YAML (``.yaml``/``.yml``) or JSON spec file; mask paths in it are made
+    relative to the file's folder. Raises SpecError (bad content) or OSError (unreadable)."""
+    import yaml
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(f"invalid GLoD spec {path}: cannot parse: {str(exc).splitlines()[0]}") from None
+    spec = parse_spec(data, str(path))
+    if any(lp.mask is not None for lp in spec.local_prompts):
+        locals_ = [lp.model_copy(update={"mask": str(path.parent / lp.mask)}) if lp.mask is not None
+                   and not Path(lp.mask).is_absolute() else lp for lp in spec.local_prompts]
+        spec = spec.model_copy(update={"local_prompts": locals_})
+    return spec

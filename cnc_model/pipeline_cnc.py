@@ -1,0 +1,439 @@
+"""``CnCPipeline``: Stable Diffusion with CnC's local fuser (depth), global fuser (exemplars)
+and soft guidance, as a diffusers ``DiffusionPipeline``.
+
+>>> pipe = CnCPipeline.from_pretrained("path/to/cnc")            # or CnCPipeline.from_sd(...)
+>>> image = pipe("a cat on a sofa", fg_depth=fg, bg_depth=bg,
+...              fg_exemplar=cat_photo, bg_exemplar=room_photo).images[0]
+
+Every condition is optional: without any, the pipeline is plain Stable Diffusion.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from cnc_model.conditioning import CnCConditions, ImageLike, cnc_noise_prediction, mask_from_depth, prepare_depth, prepare_mask
+from cnc_model.denoise_plan import cfg_plan, glod_plan, load_glod_spec
+from cnc_model.global_fuser import GlobalFuser
+from cnc_model.local_fuser import LocalFuser
+from cnc_model.soft_guidance import SoftGuidance, install_soft_guidance
+
+PIPELINE_MODULE_FILE = "pipeline_cnc.py"
+_SHIM = '"""Lets `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` find CnCPipeline."""\nfrom cnc_model.pipeline_cnc import CnCPipeline  # noqa: F401\n'
+
+
+def _align_storage(module: torch.nn.Module, alignment: int = 64) -> None:
+    """Give misaligned weights (e.g. memory-mapped safetensors slices) aligned copies.
+
+    A tensor's address alignment can change which SIMD path a CPU kernel takes, i.e. the last
+    bits of the result; aligned copies make a loaded pipeline reproduce the saved one exactly.
+    """
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.numel() and tensor.data_ptr() % alignment:
+                tensor.data = tensor.data.clone()
+
+
+class CnCPipeline(DiffusionPipeline, StableDiffusionMixin):
+    """Compose and Conquer text-to-image generation with depth and exemplar conditions.
+
+    Components: the SD parts (``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``),
+    the CnC parts (``local_fuser``, ``global_fuser``), and optionally ``image_encoder`` +
+    ``feature_extractor`` (CLIP, to embed exemplar images) and ``depth_estimator`` +
+    ``depth_processor`` (a transformers depth model such as DPT, to estimate depth maps from
+    images). Soft guidance runs through :class:`~cnc_model.soft_guidance.SoftGuidanceAttnProcessor`,
+    installed on the UNet and the local fuser at construction.
+    """
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->local_fuser->unet->vae"
+    _optional_components = [
+        "local_fuser",
+        "global_fuser",
+        "image_encoder",
+        "feature_extractor",
+        "depth_estimator",
+        "depth_processor",
+    ]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        local_fuser: LocalFuser | None = None,
+        global_fuser: GlobalFuser | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: Any = None,
+        depth_estimator: Any = None,
+        depth_processor: Any = None,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            local_fuser=local_fuser,
+            global_fuser=global_fuser,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            depth_estimator=depth_estimator,
+            depth_processor=depth_processor,
+        )
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        install_soft_guidance(self.unet)
+        if self.local_fuser is not None:
+            install_soft_guidance(self.local_fuser)
+        for module in self.components.values():
+            if isinstance(module, torch.nn.Module):
+                _align_storage(module)
+
+    @classmethod
+    def from_sd(
+        cls,
+        sd_parts: dict[str, Any],
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: Any = None,
+        with_local: bool = True,
+        with_global: bool = True,
+        ddim: bool = True,
+        **extra: Any,
+    ) -> "CnCPipeline":
+        """A fresh (untrained) CnC pipeline around SD parts (e.g. ``sd_pipeline.components``):
+        local fuser copied from the UNet (ControlNet style), global fuser sized for the UNet and
+        the image encoder, and (``ddim=True``) a DDIM scheduler with the SD scheduler's config."""
+        unet = sd_parts["unet"]
+        local = LocalFuser.from_unet(unet).eval() if with_local else None
+        embed_dim = image_encoder.config.projection_dim if image_encoder is not None else None
+        global_ = GlobalFuser.from_unet(unet, embed_dim).to(unet.device).eval() if with_global else None
+        parts = {k: sd_parts[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+        if ddim:
+            parts["scheduler"] = DDIMScheduler.from_config(parts["scheduler"].config)
+        return cls(**parts, local_fuser=local, global_fuser=global_, image_encoder=image_encoder,
+                   feature_extractor=feature_extractor, **extra)
+
+    # ----------------------------------------------------------------------------- save / load
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs: Any) -> None:
+        """diffusers layout with safetensors weights, plus a one-line module that lets
+        ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` resolve this class."""
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
+        index_path = Path(save_directory) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [Path(PIPELINE_MODULE_FILE).stem, type(self).__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (Path(save_directory) / PIPELINE_MODULE_FILE).write_text(_SHIM)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "CnCPipeline":
+        """Load a saved CnC pipeline. The folder's ``pipeline_cnc.py`` must be the one
+        :meth:`save_pretrained` writes (it only re-imports this class); anything else is refused
+        unless ``trust_remote_code=True`` is passed explicitly."""
+        module_file = Path(pretrained_model_name_or_path) / PIPELINE_MODULE_FILE
+        if "trust_remote_code" not in kwargs and module_file.is_file():
+            if module_file.read_text() != _SHIM:
+                raise ValueError(f"{module_file} is not the module CnCPipeline writes; inspect it and pass trust_remote_code=True")
+            kwargs["trust_remote_code"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    # ----------------------------------------------------------------------------- encoders
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text embeddings, as StableDiffusionPipeline computes them (no LoRA / clip-skip)."""
+        if prompt_embeds is None:
+            prompt_embeds = self._encode_text(prompt, device, self.tokenizer.model_max_length)
+        prompt_embeds = prompt_embeds.to(dtype=self.text_encoder.dtype, device=device)
+        batch = prompt_embeds.shape[0]
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            if negative_prompt is None:
+                negative = [""] * batch
+            elif isinstance(negative_prompt, str):
+                negative = [negative_prompt] * batch
+            else:
+                negative = list(negative_prompt)
+            if len(negative) != batch:
+                raise ValueError(f"{len(negative)} negative prompts for {batch} prompts")
+            negative_prompt_embeds = self._encode_text(negative, device, prompt_embeds.shape[1])
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(dtype=self.text_encoder.dtype, device=device)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds
+
+    def _encode_text(self, text: str | list[str], device: torch.device, max_length: int) -> torch.Tensor:
+        text = [text] if isinstance(text, str) else list(text)
+        inputs = self.tokenizer(text, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        attention_mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            attention_mask = inputs.attention_mask.to(device)
+        return self.text_encoder(inputs.input_ids.to(device), attention_mask=attention_mask)[0]
+
+    @torch.no_grad()
+    def encode_exemplar(self, images: ImageLike | list[ImageLike], device: torch.device) -> torch.Tensor:
+        """CLIP image embeddings ``(B, projection_dim)`` of exemplar images."""
+        if self.image_encoder is None or self.feature_extractor is None:
+            raise ValueError("exemplar images need `image_encoder` and `feature_extractor`; pass embeddings instead")
+        images = images if isinstance(images, list) else [images]
+        pixels = self.feature_extractor(images=images, return_tensors="pt").pixel_values
+        pixels = pixels.to(device=device, dtype=self.image_encoder.dtype)
+        return self.image_encoder(pixel_values=pixels).image_embeds
+
+    @torch.no_grad()
+    def estimate_depth(self, image: ImageLike, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """Depth map ``(1, 3, height, width)`` in [0, 1] (near = bright) from an RGB image."""
+        if self.depth_estimator is None or self.depth_processor is None:
+            raise ValueError("depth from images needs `depth_estimator` and `depth_processor`; pass depth maps instead")
+        inputs = self.depth_processor(images=image, return_tensors="pt").pixel_values
+        depth = self.depth_estimator(pixel_values=inputs.to(device=device, dtype=self.depth_estimator.dtype)).predicted_depth
+        depth = depth[:, None].float()
+        lo = depth.flatten(1).amin(1)[:, None, None, None]
+        hi = depth.flatten(1).amax(1)[:, None, None, None]
+        depth = (depth - lo) / (hi - lo).clamp_min(1e-8)
+        return prepare_depth(depth.cpu(), height, width).to(device)
+
+    # ----------------------------------------------------------------------------- conditions
+    def prepare_conditions(
+        self,
+        height: int,
+        width: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        fg_depth: ImageLike | None = None,
+        bg_depth: ImageLike | None = None,
+        fg_depth_image: ImageLike | None = None,
+        bg_depth_image: ImageLike | None = None,
+        fg_exemplar: ImageLike | None = None,
+        bg_exemplar: ImageLike | None = None,
+        fg_image_embeds: torch.Tensor | None = None,
+        bg_image_embeds: torch.Tensor | None = None,
+        mask: ImageLike | None = None,
+        mask_threshold: float = 0.1,
+        lambda_fg: float = 1.0,
+        lambda_bg: float = 1.0,
+        depth_scale: float = 1.0,
+    ) -> CnCConditions:
+        """Normalise every optional input into :class:`CnCConditions`."""
+        if fg_depth is None and fg_depth_image is not None:
+            fg_depth = self.estimate_depth(fg_depth_image, height, width, device)
+        if bg_depth is None and bg_depth_image is not None:
+            bg_depth = self.estimate_depth(bg_depth_image, height, width, device)
+        fg_d = prepare_depth(fg_depth, height, width).to(device, dtype) if fg_depth is not None else None
+        bg_d = prepare_depth(bg_depth, height, width).to(device, dtype) if bg_depth is not None else None
+        if (fg_d is not None or bg_d is not None) and self.local_fuser is None:
+            raise ValueError("depth conditions need a `local_fuser`")
+
+        if fg_image_embeds is None and fg_exemplar is not None:
+            fg_image_embeds = self.encode_exemplar(fg_exemplar, device)
+        if bg_image_embeds is None and bg_exemplar is not None:
+            bg_image_embeds = self.encode_exemplar(bg_exemplar, device)
+        fg_tokens = bg_tokens = None
+        if fg_image_embeds is not None or bg_image_embeds is not None:
+            if self.global_fuser is None:
+                raise ValueError("exemplar conditions need a `global_fuser`")
+            reference = fg_image_embeds if fg_image_embeds is not None else bg_image_embeds
+            reference = reference.to(device, dtype)
+            fg_e = fg_image_embeds.to(device, dtype) if fg_image_embeds is not None else torch.zeros_like(reference)
+            bg_e = bg_image_embeds.to(device, dtype) if bg_image_embeds is not None else torch.zeros_like(reference)
+            fg_tokens, bg_tokens = self.global_fuser(fg_e, bg_e)
+            fg_tokens, bg_tokens = fg_tokens * lambda_fg, bg_tokens * lambda_bg
+
+        mask_t = None
+        if mask is not None:
+            mask_t = prepare_mask(mask).to(device, dtype)
+        elif fg_d is not None and fg_tokens is not None:
+            mask_t = mask_from_depth(fg_d, mask_threshold)
+        return CnCConditions(fg_d, bg_d, fg_tokens, bg_tokens, mask_t, depth_scale)
+
+    # ----------------------------------------------------------------------------- denoising
+    def predict_noise(
+        self,
+        latent_model_input: torch.Tensor,
+        t: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        conditions: CnCConditions,
+        soft_guidance: SoftGuidance | None = None,
+    ) -> torch.Tensor:
+        """One batched ε prediction for any number of prompts sharing the conditions."""
+        return cnc_noise_prediction(
+            self.unet, self.local_fuser, latent_model_input, t, prompt_embeds, conditions, soft_guidance
+        )
+
+    def prepare_extra_step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs: dict[str, Any] = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        *,
+        fg_depth: ImageLike | None = None,
+        bg_depth: ImageLike | None = None,
+        fg_depth_image: ImageLike | None = None,
+        bg_depth_image: ImageLike | None = None,
+        fg_exemplar: ImageLike | None = None,
+        bg_exemplar: ImageLike | None = None,
+        fg_image_embeds: torch.Tensor | None = None,
+        bg_image_embeds: torch.Tensor | None = None,
+        mask: ImageLike | None = None,
+        mask_threshold: float = 0.1,
+        lambda_fg: float = 1.0,
+        lambda_bg: float = 1.0,
+        depth_scale: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.0,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        glod: Any = None,
+    ) -> StableDiffusionPipelineOutput | tuple:
+        """Generate images.
+
+        Args:
+            prompt / negative_prompt: text (or pass ``prompt_embeds``/``negative_prompt_embeds``).
+            fg_depth, bg_depth: depth maps in [0, 1] (PIL, array or tensor), near = bright. Either
+                may be left out (zeros, as in training's condition dropout); or give
+                ``fg_depth_image``/``bg_depth_image`` to estimate them with ``depth_estimator``.
+            fg_exemplar, bg_exemplar: exemplar images (or ``fg_image_embeds``/``bg_image_embeds``,
+                CLIP image embeddings); a missing one is a zero embedding.
+            mask: soft-guidance mask, 1 = foreground. If None but a fg depth map and exemplars are
+                given, it is ``fg_depth > mask_threshold * max(fg_depth)``; with neither, the
+                exemplar tokens attend everywhere (no soft guidance).
+            lambda_fg, lambda_bg: weights of the fg / bg exemplar tokens.
+            depth_scale: multiplier of the local fuser's residuals.
+            height, width: output size; default: the depth map's size rounded down to a multiple
+                of 8, else the UNet's default (512 for SD 1.5).
+            num_inference_steps, guidance_scale: DDIM 50 and 7 by default (the paper's sampler
+                is whatever ``scheduler`` is; any diffusers scheduler can be swapped in).
+            glod: instead of ``prompt``: a GLoD spec (``GLoDSpec``, dict or YAML/JSON path) whose
+                global and local prompts are composed at every step (:mod:`cnc_model.glod`);
+                its weights replace ``guidance_scale``; the CnC conditions apply to every prompt.
+        """
+        device = self._execution_device
+        if glod is not None:
+            if any(x is not None for x in (prompt, prompt_embeds, negative_prompt, negative_prompt_embeds)):
+                raise ValueError("give either `prompt` (and `negative_prompt`) or `glod`, not both")
+            spec = load_glod_spec(glod)
+            height, width = height or spec.height, width or spec.width
+        height, width = self._default_size(height, width, fg_depth, bg_depth)
+        if height % 8 or width % 8:
+            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if glod is not None:
+            encode = lambda text: self._encode_text(text, device, self.tokenizer.model_max_length)  # noqa: E731
+            plan = glod_plan(spec, encode, latent_size, num_images_per_prompt)
+        elif prompt is None and prompt_embeds is None:
+            raise ValueError("give `prompt`, `prompt_embeds` or `glod`")
+        else:
+            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                prompt, device, num_images_per_prompt, guidance_scale > 1.0, negative_prompt, prompt_embeds,
+                negative_prompt_embeds,
+            )  # fmt: skip
+            plan = cfg_plan(prompt_embeds, negative_prompt_embeds, guidance_scale)
+        batch, dtype = plan.batch, plan.prompt_embeds.dtype
+        conditions = self.prepare_conditions(
+            height, width, device, dtype,
+            fg_depth=fg_depth, bg_depth=bg_depth, fg_depth_image=fg_depth_image, bg_depth_image=bg_depth_image,
+            fg_exemplar=fg_exemplar, bg_exemplar=bg_exemplar, fg_image_embeds=fg_image_embeds,
+            bg_image_embeds=bg_image_embeds, mask=mask, mask_threshold=mask_threshold,
+            lambda_fg=lambda_fg, lambda_bg=lambda_bg, depth_scale=depth_scale,
+        ).per_image(num_images_per_prompt)  # fmt: skip
+        self._check_condition_batch(conditions, batch)
+
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        if latents is None:
+            shape = (batch, self.unet.config.in_channels, *latent_size)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = latents.to(device)
+        latents = latents * self.scheduler.init_noise_sigma
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        # the mask is the same at every step: one bias per resolution (and UNet batch) per generation
+        soft_guidance: dict[int, SoftGuidance | None] = {}
+
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                blocks = plan.num_blocks(i, len(timesteps))
+                latent_model_input = torch.cat([latents] * blocks) if blocks > 1 else latents
+                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+                if blocks not in soft_guidance:
+                    soft_guidance[blocks] = conditions.soft_guidance(latent_size, blocks * batch)
+                noise_pred = self.predict_noise(latent_model_input, t, plan.embeds_for(blocks), conditions, soft_guidance[blocks])
+                noise_pred = plan.compose(noise_pred, i, len(timesteps))
+                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    callback_on_step_end(i, t, latents)
+                progress_bar.update()
+
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image, None)
+        return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=None)
+
+    @staticmethod
+    def _check_condition_batch(conditions: CnCConditions, batch: int) -> None:
+        for name in ("fg_depth", "bg_depth", "fg_tokens", "bg_tokens", "mask"):
+            value = getattr(conditions, name)
+            if value is not None and value.shape[0] not in (1, batch):
+                raise ValueError(f"{name} has a batch of {value.shape[0]}; give 1 or one per prompt")
+
+    def _default_size(
+        self, height: int | None, width: int | None, fg_depth: ImageLike | None, bg_depth: ImageLike | None
+    ) -> tuple[int, int]:
+        depth = fg_depth if fg_depth is not None else bg_depth
+        if depth is not None and (height is None or width is None):
+            if isinstance(depth, PIL.Image.Image):
+                h, w = depth.height, depth.width
+            elif isinstance(depth, np.ndarray):
+                h, w = depth.shape[:2] if depth.ndim in (2, 3) else depth.shape[1:3]
+            else:
+                h, w = depth.shape[-2:]
+            height, width = height or h // 8 * 8, width or w // 8 * 8
+        default = self.unet.config.sample_size * self.vae_scale_factor
+        return height or default, width or default

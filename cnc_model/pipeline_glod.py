@@ -1,0 +1,264 @@
+"""``GLoDPipeline``: Stable Diffusion with GLoD's global and local prompt layers.
+
+>>> pipe = GLoDPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+>>> image = pipe(load_spec("examples/glod_spec.yaml"), generator=torch.Generator().manual_seed(0)).images[0]
+
+Every step runs the unconditional, each global and each local prompt in ONE batched UNet call and
+composes them (:func:`cnc_model.glod.composition.compose_noise`); optional layout guidance nudges
+the latent in the first steps. With a single global prompt and no local prompt it is plain
+classifier-free guidance, identical to ``StableDiffusionPipeline``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from cnc_model.glod.composition import stack_prompt_embeds
+from cnc_model.glod.layout_guidance import AttentionStore, attention_store, layout_guidance_step, object_maps
+from cnc_model.glod.prepare import composition_from_spec, layout_objects, spec_texts
+from cnc_model.glod.spec import GLoDSpec, load_spec, parse_spec
+
+PIPELINE_MODULE_FILE = "pipeline_glod.py"
+_SHIM = '"""Lets `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` find GLoDPipeline."""\nfrom cnc_model.pipeline_glod import GLoDPipeline  # noqa: F401\n'
+
+
+@dataclass
+class GLoDPipelineOutput(BaseOutput):
+    """Images plus, with ``return_debug=True``, what GLoD did.
+
+    ``local_masks``: ``(L, 1, h, w)`` regions at latent resolution. ``attention_maps``: per local
+    prompt, its object tokens' cross-attention map in the global prompt, ``(N, h, w)``, averaged over
+    layers and steps and scaled to [0, 1]. ``layout_losses``: the layout loss at each guided step.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: list[bool] | None = None
+    local_masks: torch.Tensor | None = None
+    attention_maps: list[torch.Tensor] | None = None
+    layout_losses: list[float] | None = None
+
+
+class GLoDPipeline(DiffusionPipeline, StableDiffusionMixin):
+    """Global-Local Diffusion on Stable Diffusion parts (training-free)."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+    ) -> None:
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # ----------------------------------------------------------------------------- save / load
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs: Any) -> None:
+        """diffusers layout with safetensors weights, plus a one-line module that lets
+        ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` resolve this class."""
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
+        index_path = Path(save_directory) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [Path(PIPELINE_MODULE_FILE).stem, type(self).__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (Path(save_directory) / PIPELINE_MODULE_FILE).write_text(_SHIM)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "GLoDPipeline":
+        """Load a saved GLoD pipeline, or the SD parts of any Stable Diffusion 1.x folder / hub id
+        (its safety checker and feature extractor are not loaded). A folder's ``pipeline_glod.py``
+        must be the one :meth:`save_pretrained` writes unless ``trust_remote_code=True`` is passed."""
+        module_file = Path(pretrained_model_name_or_path) / PIPELINE_MODULE_FILE
+        if "trust_remote_code" not in kwargs and module_file.is_file():
+            if module_file.read_text() != _SHIM:
+                raise ValueError(f"{module_file} is not the module GLoDPipeline writes; inspect it and pass trust_remote_code=True")
+            kwargs["trust_remote_code"] = True
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                # safetensors' memory-mapped tensors can take another SIMD path than aligned copies
+                for param in list(module.parameters()) + list(module.buffers()):
+                    param.data = param.data.clone()
+        return pipe
+
+    # ----------------------------------------------------------------------------- text
+    def encode_text(self, text: str | list[str], device: torch.device, max_length: int | None = None) -> torch.Tensor:
+        """CLIP text embeddings ``(B, T, D)``, as StableDiffusionPipeline computes them."""
+        text = [text] if isinstance(text, str) else list(text)
+        inputs = self.tokenizer(text, padding="max_length", max_length=max_length or self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        attention_mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            attention_mask = inputs.attention_mask.to(device)
+        return self.text_encoder(inputs.input_ids.to(device), attention_mask=attention_mask)[0]
+
+    def prepare_extra_step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs: dict[str, Any] = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    # ----------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def __call__(
+        self,
+        spec: GLoDSpec | Mapping[str, Any] | str | os.PathLike | None = None,
+        *,
+        prompt: str | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_debug: bool = False,
+        callback_on_step_end: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> GLoDPipelineOutput | tuple:
+        """Generate images from a GLoD spec.
+
+        Args:
+            spec: a :class:`GLoDSpec`, its dict form, or the path of a YAML/JSON spec file. Without
+                one, ``prompt`` + ``guidance_scale`` (+ ``negative_prompt``) make a one-global spec.
+            height, width: output size; default: the spec's size when a spec is given, else the
+                UNet's default. Boxes scale with the output size.
+            num_images_per_prompt: N images generated together (N rows per prompt block).
+            return_debug: also return the regions, the object tokens' attention maps and the
+                layout losses (records attention maps during every step; costs time).
+        """
+        device = self._execution_device
+        default_size = self.unet.config.sample_size * self.vae_scale_factor
+        if spec is None:
+            if prompt is None:
+                raise ValueError("give a `spec` or a `prompt`")
+            spec = GLoDSpec.single(prompt, guidance_scale, negative_prompt or "", default_size, default_size)
+            height, width = height or default_size, width or default_size
+        else:
+            if prompt is not None:
+                raise ValueError("give either a `spec` or a `prompt`, not both")
+            spec = load_spec(spec) if isinstance(spec, (str, os.PathLike)) else parse_spec(spec)
+            height, width = height or spec.height, width or spec.width
+            if negative_prompt is not None:
+                spec = spec.model_copy(update={"negative_prompt": negative_prompt})
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
+        n = num_images_per_prompt
+        num_globals = len(spec.global_prompts)
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+        prompt_embeds = self.encode_text(spec_texts(spec), device)
+        uncond = self.encode_text([spec.negative_prompt], device, prompt_embeds.shape[1])
+        dtype = self.text_encoder.dtype
+        prompt_embeds, uncond = prompt_embeds.to(dtype), uncond.to(dtype)
+        embeds = stack_prompt_embeds(uncond, list(prompt_embeds[:num_globals, None]),
+                                     list(prompt_embeds[num_globals:, None]), n)
+        composition = composition_from_spec(spec, latent_size)
+        composition.local_masks = composition.local_masks.to(device, dtype)
+
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        shape = (n, self.unet.config.in_channels, *latent_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = latents.to(device)
+        latents = latents * self.scheduler.init_noise_sigma
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        layout = spec.layout_guidance
+        guide = layout.enabled and bool(spec.local_prompts)
+        objects = layout_objects(spec, self.tokenizer, latent_size, n) if (guide or return_debug) else []
+        global_rows = slice(n, n * (1 + num_globals))
+        debug_maps = [torch.zeros(n, *latent_size, device=device) for _ in objects] if return_debug else None
+        losses: list[float] = []
+
+        with ExitStack() as stack:
+            store = None
+            if guide or (return_debug and objects):
+                store = stack.enter_context(attention_store(self.unet, AttentionStore(), layout.layers))
+            with self.progress_bar(total=num_inference_steps) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    if guide and i < layout.steps:
+                        store.rows, store.detach = None, False
+                        latents, loss = layout_guidance_step(
+                            self.unet, self.scheduler, latents, t, embeds[global_rows], store, objects,
+                            layout.strength, layout.iterations,
+                        )
+                        losses.append(loss)
+                    if store is not None and not return_debug and not (guide and i + 1 < layout.steps):
+                        stack.close()  # guidance done: put the original processors back
+                        store = None
+                    active = composition.locals_active(i, num_inference_steps)
+                    blocks = composition.num_blocks(active)
+                    latent_model_input = self.scheduler.scale_model_input(torch.cat([latents] * blocks), t)
+                    if store is not None:
+                        store.rows, store.detach = global_rows, True
+                        store.reset()
+                        store.recording = True
+                    noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=embeds[: blocks * n],
+                                           return_dict=False)[0]
+                    if store is not None:
+                        store.recording = False
+                        self._accumulate_maps(debug_maps, store, objects, latent_size)
+                    noise_pred = composition(noise_pred, i, num_inference_steps)
+                    latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                    if callback_on_step_end is not None:
+                        callback_on_step_end(i, t, latents)
+                    progress_bar.update()
+
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+            image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
+        self.maybe_free_model_hooks()
+        if debug_maps is not None:
+            debug_maps = [m / m.flatten(1).amax(1).clamp_min(1e-12)[:, None, None] for m in debug_maps]
+        if not return_dict:
+            return (image, None)
+        return GLoDPipelineOutput(
+            images=image,
+            local_masks=composition.local_masks if return_debug else None,
+            attention_maps=debug_maps,
+            layout_losses=losses if return_debug else None,
+        )
+
+    @staticmethod
+    def _accumulate_maps(acc: list[torch.Tensor] | None, store: AttentionStore, objects: list, latent_size: tuple[int, int]) -> None:
+        """Add each object's layer-averaged attention map (resized to the latent) to ``acc``."""
+        if acc is None:
+            return
+        for total, obj in zip(acc, objects):
+            maps = [F.interpolate(m[:, None].float(), size=latent_size, mode="bilinear", align_corners=False)[:, 0]
+                    for m in object_maps(store.maps, obj, latent_size)]
+            total += torch.stack(maps).mean(0)
+        store.reset()

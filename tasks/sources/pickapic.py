@@ -1,0 +1,230 @@
+"""Pick-a-Pic preference pairs (parquet, the public dataset's columns) -> the preferred image.
+
+The public files (``yuvalkirstain/pickapic_v1`` / ``_v2``) hold one row per comparison:
+``caption`` (the prompt), ``jpg_0``/``jpg_1`` (image bytes), ``label_0``/``label_1`` (1/0 for a
+preference, 0.5/0.5 for a tie), ``has_label``, ``image_0_uid``/``image_1_uid``, ``best_image_uid``,
+``are_different``, ``model_0``/``model_1``, ``ranking_id``, ``user_id``, ``created_at``, ... .
+
+As in CnC (584K pairs -> 138K kept) we keep only the preferred image of a labelled, non-tied pair
+and drop inappropriate content. The dataset carries no NSFW column, so, like the CnC reference
+scripts, the filter works on the prompt: a row is ``nsfw_caption`` when a word of its caption is in
+:data:`NSFW_PROMPT_WORDS` (lower-cased word match), and ``caption_too_short`` when the prompt has
+fewer than ``min_caption_words`` (3, as in the reference) words. An image can win several
+comparisons: it is kept once (later rows become ``duplicate_source_id``).
+
+Source ids locate the row: ``<file>:<row>:<image uid>`` for a candidate and ``<file>:<row>`` for a
+row the reader rejects. A row whose preferred image was already listed repeats the first row's id,
+so the ingest plan counts it and rejects it as a duplicate. Listing reads only the small columns;
+loading reads one row group at a time and only the row groups that hold the requested rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import pyarrow.parquet as pq
+
+from tasks import storage
+from tasks.sources.base import Source, SourceError, SourceItem
+from tasks.sources.captions import caption_meta, clean_caption
+
+REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "image_0_uid", "image_1_uid")
+_VERDICT_COLUMNS = ["caption", "has_label", "label_0", "label_1", "image_0_uid", "image_1_uid"]
+_META_COLUMNS = ("ranking_id", "model_0", "model_1")
+
+# Prompt words that mark a row as inappropriate: sexual content and nudity, terms that invite
+# sexualised depictions of people, violence and gore, drugs. Same mechanism as the CnC reference
+# (a word blocklist on the prompt; Pick-a-Pic has no NSFW label); extend with ``nsfw_words=``.
+NSFW_PROMPT_WORDS = frozenset({
+    # sexual content, nudity
+    "nsfw", "nude", "nudes", "nudity", "naked", "naturist", "topless", "sex", "sexy", "sexual", "porn", "porno",
+    "pornographic", "erotic", "erotica", "explicit", "xxx", "hentai", "lewd", "lingerie", "bdsm", "fetish",
+    "kinky", "seductive", "seductress", "risqué", "risque", "cleavage", "breast", "breasts", "boob", "boobs",
+    "nipple", "nipples", "genital", "genitals", "vagina", "penis", "erection", "testicle", "testicles", "ass",
+    "butt", "dildo", "vibrator", "gloryhole", "fuck", "fucking", "fuuck", "fuucking", "milf", "waifu",
+    "stripper", "prostitute", "escort", "spread", "spreaded", "spreading", "kiss", "giantess",
+    # people terms the reference also drops (sexualised-depiction risk)
+    "girl", "girls", "woman", "women", "female", "boy", "boys", "teen", "teens", "女",
+    # violence, gore, self-harm
+    "gore", "gory", "blood", "bloody", "violence", "killing", "murder", "rape", "abuse", "suicide", "death",
+    "corpse",
+    # drugs
+    "drug", "drugs", "cocaine", "heroin", "meth", "marijuana", "weed", "lsd", "ecstasy", "acid",
+})
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+def caption_words(caption: str) -> list[str]:
+    return [w.lower() for w in _WORD.findall(caption)]
+
+
+def is_nsfw_prompt(caption: str, words: frozenset[str] = NSFW_PROMPT_WORDS) -> bool:
+    """True if the prompt contains a blocked word (or a blocked CJK character anywhere)."""
+    tokens = set(caption_words(caption))
+    if tokens & words:
+        return True
+    return any(len(w) == 1 and not w.isascii() and w in caption for w in words)
+
+
+def row_verdict(row: dict[str, Any], *, nsfw_filter: bool = True, min_caption_words: int = 3,
+                nsfw_words: frozenset[str] = NSFW_PROMPT_WORDS) -> tuple[int | None, str | None, str | None]:
+    """(preferred side 0/1, its image uid, reject reason) for one row; side/uid None when rejected."""
+    if not row.get("has_label"):
+        return None, None, "unlabelled_pair"
+    l0, l1 = row.get("label_0"), row.get("label_1")
+    if l0 is None or l1 is None or l0 != l0 or l1 != l1:  # None or NaN
+        return None, None, "unlabelled_pair"
+    if l0 == l1:
+        return None, None, "tied_pair"
+    side = 0 if l0 > l1 else 1
+    caption, _ = clean_caption(row.get("caption"))
+    if caption is None or len(caption_words(caption)) < min_caption_words:
+        if min_caption_words > 0:
+            return None, None, "caption_too_short"
+    if nsfw_filter and caption is not None and is_nsfw_prompt(caption, nsfw_words):
+        return None, None, "nsfw_caption"
+    uid = row.get(f"image_{side}_uid")
+    if not uid:
+        return None, None, "missing_image_uid"
+    return side, str(uid).replace(":", "_"), None
+
+
+def parse_ref(ref: str) -> tuple[str, int, str | None]:
+    """``file:row[:uid]`` -> (file, row, uid or None)."""
+    parts = ref.rsplit(":", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        return parts[0], int(parts[1]), parts[2]
+    file, row = ref.rsplit(":", 1)
+    return file, int(row), None
+
+
+class PickapicSource(Source):
+    """The preferred image of each labelled, non-tied, appropriate Pick-a-Pic pair."""
+
+    format_name: ClassVar[str] = "pickapic"
+    OPTIONS: ClassVar[tuple[str, ...]] = ("nsfw_filter", "min_caption_words", "nsfw_words")
+
+    def __init__(self, url: str, nsfw_filter: bool = True, min_caption_words: int = 3,
+                 nsfw_words: Sequence[str] | None = None, **options: Any) -> None:
+        super().__init__(url.rstrip("/") or url, nsfw_filter=nsfw_filter, min_caption_words=min_caption_words,
+                         nsfw_words=list(nsfw_words) if nsfw_words else None, **options)
+        self._fs, root = storage.get_fs(self.url)
+        self._root = root.rstrip("/")
+        self.nsfw_filter = bool(nsfw_filter)
+        self.min_caption_words = int(min_caption_words)
+        self.nsfw_words = NSFW_PROMPT_WORDS | frozenset(w.lower() for w in (nsfw_words or ()))
+
+    def _verdict(self, row: dict[str, Any]) -> tuple[int | None, str | None, str | None]:
+        return row_verdict(row, nsfw_filter=self.nsfw_filter, min_caption_words=self.min_caption_words,
+                           nsfw_words=self.nsfw_words)
+
+    # ------------------------------------------------------------------------------- files
+    def _files(self) -> list[str]:
+        """Relative names of the parquet files ('' when the URL is one file), sorted."""
+        if self._fs.isfile(self._root):
+            return [""]
+        prefix = self._root + "/"
+        return sorted(p[len(prefix):] for p in self._fs.find(self._root)
+                      if p.endswith(".parquet") and not any(s.startswith(".") for s in p[len(prefix):].split("/")))
+
+    def _path(self, rel: str) -> str:
+        return f"{self._root}/{rel}" if rel else self._root
+
+    def _display(self, rel: str) -> str:
+        return rel or self._root.rsplit("/", 1)[-1]
+
+    @contextlib.contextmanager
+    def _open(self, rel: str) -> Iterator[pq.ParquetFile]:
+        with self._fs.open(self._path(rel), "rb") as fh:
+            yield pq.ParquetFile(fh)
+
+    def validate(self) -> None:
+        if not self._fs.exists(self._root):
+            raise SourceError(f"pickapic source {self.url!r} does not exist")
+        files = self._files()
+        if not files:
+            raise SourceError(f"pickapic source {self.url!r} holds no .parquet files")
+        for rel in files:
+            try:
+                with self._open(rel) as pf:
+                    names = set(pf.schema_arrow.names)
+            except Exception as exc:  # noqa: BLE001
+                raise SourceError(f"pickapic source: {self._display(rel)} is not a parquet file ({exc})") from exc
+            missing = [c for c in REQUIRED_COLUMNS if c not in names]
+            if missing:
+                raise SourceError(f"pickapic source: {self._display(rel)} lacks column(s) {', '.join(missing)}")
+        if next(self.list_refs(), None) is None:
+            raise SourceError(f"pickapic source {self.url!r} has no rows")
+
+    # ----------------------------------------------------------------------------- listing
+    def list_refs(self) -> Iterator[str]:
+        first_ref_of_uid: dict[str, str] = {}
+        for rel in self._files():
+            name = self._display(rel)
+            row = 0
+            with self._open(rel) as pf:
+                for batch in pf.iter_batches(batch_size=8192, columns=_VERDICT_COLUMNS):
+                    for r in batch.to_pylist():
+                        _, uid, reason = self._verdict(r)
+                        if reason is not None:
+                            yield f"{name}:{row}"
+                        else:
+                            yield first_ref_of_uid.setdefault(uid, f"{name}:{row}:{uid}")
+                        row += 1
+
+    # ----------------------------------------------------------------------------- loading
+    def load(self, refs: Sequence[str]) -> Iterator[SourceItem]:
+        by_name = {self._display(rel): rel for rel in self._files()}
+        i = 0
+        while i < len(refs):
+            name, _, _ = parse_ref(refs[i])
+            j = i
+            while j < len(refs) and parse_ref(refs[j])[0] == name:
+                j += 1
+            if name not in by_name:
+                for ref in refs[i:j]:
+                    yield SourceItem(ref, error="missing_file")
+            else:
+                yield from self._load_file(by_name[name], refs[i:j])
+            i = j
+
+    def _load_file(self, rel: str, refs: Sequence[str]) -> Iterator[SourceItem]:
+        with self._open(rel) as pf:
+            yield from self._load_rows(pf, refs)
+
+    def _load_rows(self, pf: pq.ParquetFile, refs: Sequence[str]) -> Iterator[SourceItem]:
+        starts = [0]
+        for g in range(pf.metadata.num_row_groups):
+            starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
+        columns = list(REQUIRED_COLUMNS) + [c for c in _META_COLUMNS if c in pf.schema_arrow.names]
+        cached_group, rows = -1, []
+        for ref in refs:
+            _, row, uid = parse_ref(ref)
+            if not 0 <= row < starts[-1]:
+                yield SourceItem(ref, error="missing_row")
+                continue
+            group = next(g for g in range(len(starts) - 1) if starts[g] <= row < starts[g + 1])
+            if group != cached_group:  # refs come in row order: each row group is read once
+                rows = pf.read_row_group(group, columns=columns).to_pylist()
+                cached_group = group
+            yield self._item(ref, rows[row - starts[group]], uid)
+
+    def _item(self, ref: str, r: dict[str, Any], uid: str | None) -> SourceItem:
+        side, got_uid, reason = self._verdict(r)
+        if reason is not None:
+            return SourceItem(ref, error=reason)
+        if uid != got_uid:
+            return SourceItem(ref, error="source_changed")
+        data = r.get(f"jpg_{side}")
+        if not data:
+            return SourceItem(ref, error="missing_image_bytes")
+        caption, flags = clean_caption(r.get("caption"))
+        meta: dict[str, Any] = {"image_uid": got_uid, "preferred": side, **caption_meta(flags)}
+        if r.get("ranking_id") is not None:
+            meta["ranking_id"] = r["ranking_id"]
+        if r.get(f"model_{side}") is not None:
+            meta["model"] = r[f"model_{side}"]
+        return SourceItem(ref, image=bytes(data), caption=caption, meta=meta)

@@ -1,0 +1,360 @@
+"""Source readers: listing, one item per ref in order, captions, validation, streaming reads."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow.parquet as pq
+import pytest
+
+from tasks import storage
+from tasks.sources import SOURCE_FORMATS, get_source
+from tasks.sources.base import SourceError
+from tasks.sources.captions import clean_caption
+from tasks.sources.coco_stuff import pick_caption_index
+from tasks.sources.pickapic import is_nsfw_prompt, parse_ref, row_verdict
+from tasks.sources.webdataset_source import split_member
+from tests.fixtures.formats import (
+    PickapicPair, coco_image, photo_jpeg, write_coco_stuff, write_folder, write_pickapic, write_webdataset,
+)
+
+
+def test_registry_knows_the_four_formats_and_rejects_others():
+    assert SOURCE_FORMATS == ("folder", "coco-stuff", "pickapic", "webdataset")
+    for fmt in SOURCE_FORMATS:
+        assert get_source(fmt, "memory://nowhere").format_name == fmt
+    with pytest.raises(SourceError, match="unknown source format 'laion'"):
+        get_source("laion", "memory://x")
+    with pytest.raises(SourceError, match="unknown option"):
+        get_source("folder", "memory://x", split="train")
+
+
+@pytest.mark.parametrize(("raw", "text", "flags"), [
+    (None, None, ["missing"]),
+    (b"  a cat \n", "a cat", []),
+    ("", None, ["empty"]),
+    (b"\xef\xbb\xbfbom", "bom", []),
+    (b"caf\xe9", "caf\ufffd", ["not_utf8"]),
+    ("a\x00b\x07c\nd", "abc\nd", ["control_chars"]),
+    (b"\x00\x00", None, ["control_chars", "empty"]),
+])
+def test_clean_caption(raw, text, flags):
+    assert clean_caption(raw) == (text, flags)
+
+
+# ----------------------------------------------------------------------------------- folder
+
+@pytest.fixture
+def folder(memory_url):
+    jpg = photo_jpeg()
+    write_folder(memory_url, {"b.jpg": jpg, "a.PNG": jpg, "sub/c.webp": jpg, "notes.md": b"x", ".hidden.jpg": jpg,
+                              ".cache/d.jpg": jpg, "e f [1].jpeg": jpg},
+                 {"b.jpg": "caption b", "e f [1].jpeg": "spaces and brackets"})
+    return memory_url
+
+
+def test_folder_lists_images_sorted_and_skips_hidden_and_others(folder):
+    assert list(get_source("folder", folder).list_refs()) == ["a.PNG", "b.jpg", "e f [1].jpeg", "sub/c.webp"]
+
+
+def test_folder_loads_one_item_per_ref_in_any_order(folder):
+    source = get_source("folder", folder)
+    refs = ["sub/c.webp", "missing.jpg", "b.jpg", "e f [1].jpeg", "b.jpg"] + ["a.PNG"] * 20
+    items = list(source.load(refs))
+    assert [i.source_id for i in items] == refs
+    assert items[1].error == "missing_file" and items[1].image is None
+    assert items[2].caption == "caption b" and items[2].image == photo_jpeg()
+    assert items[3].caption == "spaces and brackets"
+    assert items[0].caption is None and items[0].meta == {"caption_flags": ["missing"]}
+    assert all(i.error is None for i in items if i.source_id != "missing.jpg")
+
+
+def test_folder_works_on_local_paths_and_file_urls(tmp_path):
+    write_folder(str(tmp_path), {"x.jpg": photo_jpeg()}, {"x.jpg": "local"})
+    for url in (str(tmp_path), f"file://{tmp_path}"):
+        source = get_source("folder", url)
+        source.validate()
+        assert [(i.source_id, i.caption) for i in source.load(list(source.list_refs()))] == [("x.jpg", "local")]
+
+
+def test_folder_validation_errors(memory_url, tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        get_source("folder", f"{memory_url}/none").validate()
+    write_folder(memory_url, {"readme.txt": b"no images"})
+    with pytest.raises(SourceError, match="holds no images"):
+        get_source("folder", memory_url).validate()
+    (tmp_path / "file.jpg").write_bytes(photo_jpeg())
+    with pytest.raises(SourceError, match="not a folder"):
+        get_source("folder", str(tmp_path / "file.jpg")).validate()
+
+
+# ------------------------------------------------------------------------------- COCO-Stuff
+
+def test_caption_pick_is_deterministic_seeded_and_spread():
+    picks = [pick_caption_index(i, 5) for i in range(200)]
+    assert picks == [pick_caption_index(i, 5) for i in range(200)]
+    assert set(picks) == {0, 1, 2, 3, 4}
+    assert picks != [pick_caption_index(i, 5, seed=1) for i in range(200)]
+
+
+@pytest.fixture
+def coco(memory_url):
+    caps = [f"caption {k}" for k in range(5)]
+    entries = [coco_image(i, captions=caps, seed=i) for i in (30, 10, 20)]
+    write_coco_stuff(memory_url, entries, split="train2017")
+    return memory_url, entries
+
+
+def test_coco_lists_by_image_id_and_loads_image_label_and_caption(coco):
+    url, entries = coco
+    source = get_source("coco-stuff", url)  # the split is found from annotations/captions_*.json
+    source.validate()
+    refs = list(source.list_refs())
+    assert refs == [f"train2017/{i:012d}.jpg" for i in (10, 20, 30)]
+    by_id = {e.image_id: e for e in entries}
+    for item in source.load(refs):
+        image_id = int(item.source_id.split("/")[1][:12])
+        assert (item.image, item.label_map) == (by_id[image_id].image, by_id[image_id].label)
+        k = pick_caption_index(image_id, 5, 0)
+        assert item.caption == f"caption {k}"
+        assert item.meta == {"coco_image_id": image_id, "split": "train2017", "caption_index": k}
+
+
+def test_coco_label_maps_in_the_readme_layout(memory_url):
+    entry = coco_image(5)
+    write_coco_stuff(memory_url, [entry], split="val2017", label_dir="annotations")
+    for options in ({}, {"label_dir": "annotations"}):
+        source = get_source("coco-stuff", memory_url, **options)
+        source.validate()
+        assert [i.label_map for i in source.load(list(source.list_refs()))] == [entry.label]
+    with pytest.raises(SourceError, match="no stuffthingmaps/val2017/ folder"):
+        get_source("coco-stuff", memory_url, label_dir="stuffthingmaps").validate()
+
+
+def test_coco_caption_choice_ignores_annotation_order_and_follows_the_seed(coco):
+    url, _ = coco
+    path = f"{url}/annotations/captions_train2017.json"
+    doc = storage.read_json(path)
+    before = [i.caption for i in get_source("coco-stuff", url).load(["train2017/000000000010.jpg"])]
+    random.Random(0).shuffle(doc["annotations"])
+    storage.write_bytes(path, json.dumps(doc).encode())
+    after = [i.caption for i in get_source("coco-stuff", url).load(["train2017/000000000010.jpg"])]
+    assert before == after
+    seeded = [get_source("coco-stuff", url, caption_seed=s).load(["train2017/000000000010.jpg"]) for s in range(8)]
+    assert len({next(it).caption for it in seeded}) > 1
+
+
+def test_coco_validation_errors(memory_url):
+    with pytest.raises(SourceError, match="does not exist"):
+        get_source("coco-stuff", memory_url).validate()
+    write_coco_stuff(memory_url, [coco_image(1)], split="val2017")
+    write_coco_stuff(memory_url, [coco_image(2)], split="train2017")
+    with pytest.raises(SourceError, match="pass split="):
+        get_source("coco-stuff", memory_url).validate()
+    get_source("coco-stuff", memory_url, split="val2017").validate()
+    with pytest.raises(SourceError, match="no annotations/captions_test2017.json"):
+        storage.makedirs(f"{memory_url}/images/test2017")
+        storage.write_bytes(f"{memory_url}/images/test2017/x.jpg", b"")
+        storage.write_bytes(f"{memory_url}/stuffthingmaps/test2017/x.png", b"")
+        get_source("coco-stuff", memory_url, split="test2017").validate()
+    storage.write_bytes(f"{memory_url}/annotations/captions_val2017.json", b'{"info": {}}')
+    with pytest.raises(SourceError, match="COCO captions schema"):
+        get_source("coco-stuff", memory_url, split="val2017").validate()
+
+
+# ------------------------------------------------------------------------------- Pick-a-Pic
+
+def test_row_verdict_keeps_only_the_preferred_image_of_a_clean_labelled_pair():
+    row = {"caption": "a cat on a red sofa", "has_label": True, "label_0": 0.0, "label_1": 1.0,
+           "image_0_uid": "u0", "image_1_uid": "u1"}
+    assert row_verdict(row) == (1, "u1", None)
+    assert row_verdict({**row, "label_0": 1.0, "label_1": 0.0}) == (0, "u0", None)
+    assert row_verdict({**row, "label_0": 0.5, "label_1": 0.5})[2] == "tied_pair"
+    assert row_verdict({**row, "has_label": False})[2] == "unlabelled_pair"
+    assert row_verdict({**row, "label_0": None})[2] == "unlabelled_pair"
+    assert row_verdict({**row, "caption": "a NUDE cat on a sofa"})[2] == "nsfw_caption"
+    assert row_verdict({**row, "caption": "a nude cat on a sofa"}, nsfw_filter=False)[2] is None
+    assert row_verdict({**row, "caption": "two words"})[2] == "caption_too_short"
+    assert row_verdict({**row, "caption": "two words"}, min_caption_words=0)[2] is None
+    assert row_verdict({**row, "image_1_uid": None})[2] == "missing_image_uid"
+
+
+def test_nsfw_prompt_matches_words_not_substrings():
+    assert is_nsfw_prompt("Portrait, NSFW, oil painting")
+    assert is_nsfw_prompt("a 女 portrait")
+    assert not is_nsfw_prompt("a glass of water on a table")  # 'ass' inside 'glass'
+    assert not is_nsfw_prompt("a classic sedan in the rain")
+
+
+def pairs(n: int, tag: str = "f") -> list[PickapicPair]:
+    imgs = [photo_jpeg(name, (96, 96)) for name in ("chelsea.png", "astronaut.png")]
+    return [PickapicPair(f"prompt number {i} for a picture", imgs[0], imgs[1], float(i % 2), float(1 - i % 2),
+                         image_0_uid=f"{tag}-{i}-0", image_1_uid=f"{tag}-{i}-1") for i in range(n)]
+
+
+def test_pickapic_lists_rows_in_file_order_and_loads_the_winner(memory_url):
+    write_pickapic(f"{memory_url}/b.parquet", pairs(3, "b"))
+    write_pickapic(f"{memory_url}/a.parquet", pairs(2, "a"))
+    source = get_source("pickapic", memory_url)
+    source.validate()
+    refs = list(source.list_refs())
+    assert [parse_ref(r)[:2] for r in refs] == [("a.parquet", 0), ("a.parquet", 1), ("b.parquet", 0),
+                                                 ("b.parquet", 1), ("b.parquet", 2)]
+    winners = [photo_jpeg("astronaut.png", (96, 96)), photo_jpeg("chelsea.png", (96, 96))]
+    for k, item in enumerate(source.load(refs)):
+        row = parse_ref(refs[k])[1]
+        assert item.error is None and item.image == winners[row % 2]
+        assert item.caption == f"prompt number {row} for a picture"
+        assert item.meta["preferred"] == 1 - row % 2 and item.meta["image_uid"] == parse_ref(refs[k])[2]
+
+
+def test_pickapic_repeated_winner_repeats_the_first_source_id(memory_url):
+    write_pickapic(f"{memory_url}/b.parquet", pairs(2, "same"))
+    write_pickapic(f"{memory_url}/a.parquet", pairs(2, "same"))
+    refs = list(get_source("pickapic", memory_url).list_refs())
+    assert refs == ["a.parquet:0:same-0-1", "a.parquet:1:same-1-0"] * 2
+
+
+def test_pickapic_single_file_url(memory_url):
+    write_pickapic(f"{memory_url}/one.parquet", pairs(2))
+    source = get_source("pickapic", f"{memory_url}/one.parquet")
+    refs = list(source.list_refs())
+    assert [parse_ref(r)[:2] for r in refs] == [("one.parquet", 0), ("one.parquet", 1)]
+    assert [i.error for i in source.load(refs)] == [None, None]
+
+
+def test_pickapic_reads_only_the_row_groups_it_needs(memory_url, monkeypatch):
+    write_pickapic(f"{memory_url}/p.parquet", pairs(12), row_group_size=4)
+    source = get_source("pickapic", memory_url)
+    refs = list(source.list_refs())
+    read = []
+    original = pq.ParquetFile.read_row_group
+
+    def spy(self, i, columns=None, **kwargs):
+        read.append((i, tuple(columns)))
+        return original(self, i, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    items = list(source.load(refs[5:7]))
+    assert [i.source_id for i in items] == refs[5:7]
+    assert [g for g, _ in read] == [1]
+    assert not {"image_0_url", "created_at", "user_id"} & set(read[0][1])
+    read.clear()
+    shuffled = [refs[9], refs[0], refs[10]]
+    assert [i.source_id for i in source.load(shuffled)] == shuffled
+    assert [g for g, _ in read] == [2, 0, 2]
+
+
+def test_pickapic_validation_errors(memory_url):
+    with pytest.raises(SourceError, match="does not exist"):
+        get_source("pickapic", memory_url).validate()
+    storage.write_bytes(f"{memory_url}/readme.md", b"x")
+    with pytest.raises(SourceError, match="no .parquet files"):
+        get_source("pickapic", memory_url).validate()
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"caption": ["x"]}), "/tmp/_cols.parquet")
+    storage.write_bytes(f"{memory_url}/bad.parquet", open("/tmp/_cols.parquet", "rb").read())
+    with pytest.raises(SourceError, match="lacks column"):
+        get_source("pickapic", memory_url).validate()
+
+
+# ------------------------------------------------------------------------------- WebDataset
+
+def test_split_member_follows_webdataset_keys():
+    assert split_member("dir/abc.seg.png") == ("dir/abc", "seg.png")
+    assert split_member("000001.jpg") == ("000001", "jpg")
+    assert split_member("noext") is None
+
+
+@pytest.fixture
+def shards(memory_url):
+    jpg = photo_jpeg()
+    write_webdataset(f"{memory_url}/s-000001.tar", [("k3", {"jpg": jpg, "txt": b"three"})])
+    write_webdataset(f"{memory_url}/s-000000.tar", [("k1", {"jpg": jpg, "txt": b"one"}),
+                                                      ("k2", {"png": jpg, "cls": b"7"})])
+    return memory_url
+
+
+def test_webdataset_lists_tars_sorted_and_members_in_tar_order(shards):
+    source = get_source("webdataset", shards)
+    source.validate()
+    assert list(source.list_refs()) == ["s-000000.tar/k1", "s-000000.tar/k2", "s-000001.tar/k3"]
+    assert list(get_source("webdataset", f"{shards}/s-{{000000..000001}}.tar").list_refs()) == \
+        list(source.list_refs())
+    assert list(get_source("webdataset", f"{shards}/s-000001.tar").list_refs()) == ["s-000001.tar/k3"]
+
+
+def test_webdataset_loads_one_item_per_ref_even_out_of_order(shards):
+    source = get_source("webdataset", shards)
+    refs = ["s-000001.tar/k3", "s-000000.tar/k2", "s-000000.tar/nope", "s-000000.tar/k1", "s-000000.tar/k1",
+            "gone.tar/k9"]
+    items = list(source.load(refs))
+    assert [i.source_id for i in items] == refs
+    assert [i.caption for i in items] == ["three", None, None, "one", "one", None]
+    assert [i.error for i in items] == [None, None, "missing_in_tar", None, None, "missing_file"]
+    assert items[1].image == photo_jpeg() and items[1].meta["original_ext"] == "png"
+
+
+def test_webdataset_validation_errors(memory_url):
+    with pytest.raises(SourceError, match="no .tar shards"):
+        get_source("webdataset", memory_url).validate()
+    storage.write_bytes(f"{memory_url}/x.tar", b"not a tar" * 100)
+    with pytest.raises(SourceError, match="not a tar"):
+        get_source("webdataset", memory_url).validate()
+
+
+# ------------------------------------------------------------------------------------ on S3
+
+@pytest.fixture(scope="module")
+def s3_url():
+    """A bucket on moto's S3-compatible server on loopback (the real protocol, through s3fs)."""
+    import os
+    import socket
+    import uuid
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    s3fs.S3FileSystem.clear_instance_cache()
+    bucket = f"sources-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["S3_ENDPOINT_URL"]}).mkdir(bucket)
+    try:
+        yield f"s3://{bucket}"
+    finally:
+        server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.mark.slow
+def test_every_source_reads_the_same_from_s3_as_from_memory(s3_url, memory_url):
+    from tests.fixtures.bad_inputs import (
+        build_coco_corpus, build_folder_corpus, build_pickapic_corpus, build_webdataset_corpus,
+    )
+
+    for build in (build_folder_corpus, build_coco_corpus, build_pickapic_corpus, build_webdataset_corpus):
+        on_s3 = build(f"{s3_url}/{build.__name__}")
+        in_memory = build(f"{memory_url}/{build.__name__}")
+        items = []
+        for corpus in (on_s3, in_memory):
+            source = get_source(corpus.format, corpus.url, **corpus.options)
+            source.validate()
+            refs = list(source.list_refs())
+            assert refs == [sid for sid, _ in corpus.entries]
+            items.append([(i.source_id, i.image, i.caption, i.label_map, i.error) for i in source.load(refs)])
+        assert items[0] == items[1], build.__name__

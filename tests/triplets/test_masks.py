@@ -1,0 +1,84 @@
+"""Mask arithmetic: exact binarisation, dilation against a brute-force definition, I_f = I_s * M."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from tasks.triplets import masks as M
+
+
+def brute_dilate(mask: np.ndarray, size: int) -> np.ndarray:
+    """Output (y, x) is set iff any input pixel in rows y-size//2 .. y+(size-1)//2 (likewise columns) is."""
+    h, w = mask.shape
+    out = np.zeros_like(mask)
+    b, a = size // 2, (size - 1) // 2
+    for y in range(h):
+        for x in range(w):
+            win = mask[max(0, y - b):y + a + 1, max(0, x - b):x + a + 1]
+            out[y, x] = 255 if win.any() else 0
+    return out
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 6, 7])
+def test_dilation_matches_the_definition(size):
+    rng = np.random.default_rng(size)
+    mask = np.where(rng.random((23, 17)) > 0.93, 255, 0).astype(np.uint8)
+    assert np.array_equal(M.dilate(mask, size), brute_dilate(mask, size))
+
+
+def test_dilation_of_one_pixel_is_a_square_with_the_cv2_anchor():
+    mask = np.zeros((100, 100), np.uint8)
+    mask[50, 50] = 255
+    out = M.dilate(mask, 50)
+    ys, xs = np.nonzero(out)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (26, 75, 26, 75)
+    assert np.count_nonzero(out) == 50 * 50 and set(np.unique(out)) == {0, 255}
+
+
+@pytest.mark.parametrize("side, expected", [(512, 50), (256, 25), (128, 13), (64, 6), (1024, 100), (4, 1)])
+def test_dilation_scales_with_image_size(side, expected):
+    assert M.dilation_size(side, side) == expected
+    assert M.dilation_size(side, 2 * side) == expected  # the shorter side counts
+
+
+def test_binarize_is_strict():
+    out = M.binarize(np.array([[0, 127, 128, 255]], np.uint8))
+    assert out.tolist() == [[0, 0, 255, 255]] and out.dtype == np.uint8
+
+
+def test_decode_mask_binarises_gray_levels():
+    buf = io.BytesIO()
+    PIL.Image.fromarray(np.array([[0, 1, 200, 255]], np.uint8)).save(buf, format="PNG")
+    assert M.decode_mask(buf.getvalue()).tolist() == [[0, 0, 255, 255]]
+
+
+def test_foreground_is_source_times_mask_exactly():
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    mask = np.where(rng.random((16, 16)) > 0.5, 255, 0).astype(np.uint8)
+    fg = M.foreground(src, mask)
+    assert fg.dtype == np.uint8 and np.array_equal(fg, src * (mask[..., None] // 255))
+    assert np.array_equal(M.decode_image(M.encode_png(fg)), fg)  # PNG keeps it exact
+
+
+def test_area_fraction_and_blank_images():
+    mask = np.zeros((10, 10), np.uint8)
+    mask[:3, :5] = 255
+    assert M.area_fraction(mask) == 0.15
+    assert M.is_blank(np.zeros((8, 8, 3), np.uint8)) and M.is_blank(np.full((8, 8, 3), 250, np.uint8))
+    img = np.zeros((8, 8, 3), np.uint8)
+    img[0, 0] = 40
+    assert not M.is_blank(img)
+
+
+def test_paste_unmasked_keeps_the_source_outside_the_mask():
+    src = np.full((4, 4, 3), 10, np.uint8)
+    gen = np.full((4, 4, 3), 200, np.uint8)
+    mask = np.zeros((4, 4), np.uint8)
+    mask[1:3, 1:3] = 255
+    out = M.paste_unmasked(gen, src, mask)
+    assert np.array_equal(out[mask > 0], gen[mask > 0]) and np.array_equal(out[mask == 0], src[mask == 0])
