@@ -14,6 +14,7 @@ from cnc_model.presets import PRESETS, Preset, get_preset
 
 _LAZY = {
     "CnCPipeline": "cnc_model.pipeline_cnc",
+    "GLoDPipeline": "cnc_model.pipeline_glod",
     "GlobalFuser": "cnc_model.global_fuser",
     "LocalFuser": "cnc_model.local_fuser",
     "SoftGuidance": "cnc_model.soft_guidance",

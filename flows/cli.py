@@ -56,25 +56,18 @@ def demo(
     run_demo(out)
 
 
-def _register_optional_commands() -> None:
-    """Commands whose modules live beside this one (generation, GLoD, triplets, ...)."""
-    import importlib
+def _register_commands() -> None:
+    """Commands whose modules live in flows/commands (they import their heavy parts lazily)."""
+    from flows.commands.build_triplets import build_triplets
+    from flows.commands.generate import generate
+    from flows.commands.glod import glod
 
-    for name, module, func in (
-        ("generate", "flows.commands.generate", "generate"),
-        ("glod", "flows.commands.glod", "glod"),
-        ("build-triplets", "flows.commands.build_triplets", "build_triplets"),
-    ):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                continue
-            raise
-        app.command(name)(getattr(mod, func))
+    app.command("build-triplets")(build_triplets)
+    app.command("generate")(generate)
+    app.command("glod")(glod)
 
 
-_register_optional_commands()
+_register_commands()
 
 
 def main() -> None:

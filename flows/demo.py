@@ -14,6 +14,9 @@ from tasks.sample_images import write_sample_folder
 
 
 def run_demo(out: str) -> dict[str, Any]:
+    # The first start of the ephemeral server migrates a new SQLite database: give it time.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.params import BuildTripletsParams
     from flows.triplets_flow import build_triplets
 

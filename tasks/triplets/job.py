@@ -233,6 +233,10 @@ def _default_cpus(cfg: TripletsConfig, total_cpus: float) -> float:
     return max(0.1, round(total_cpus * 0.8 / len(cfg.stage_names()), 2))
 
 
+def _torch_threads(num_cpus: float) -> int:
+    return max(1, int(num_cpus))
+
+
 def _preset_ids(cfg: TripletsConfig) -> dict[str, Any]:
     from cnc_model.presets import get_preset
 
@@ -266,7 +270,7 @@ def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict
             ds = ds.map_batches(
                 StageRunner,
                 fn_constructor_kwargs={"name": name, "preset": cfg.preset, "cfg": opt.cfg,
-                                       "batch_size": opt.batch_size, "torch_threads": max(1, int(num_cpus))},
+                                       "batch_size": opt.batch_size, "torch_threads": _torch_threads(num_cpus)},
                 batch_size=opt.batch_size, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=opt.max_actors),
                 num_cpus=num_cpus, num_gpus=opt.num_gpus or None,
@@ -294,7 +298,11 @@ def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict
 def _run_local(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict[int, set[str]],
                stage_seconds: Counter, progress: bool, assembled: Callable[[int], None]) -> None:
     """Every stage in this process, one after another (debugging, memory://, the inline bound)."""
-    runners = [StageRunner(n, cfg.preset, cfg.options(n).cfg, cfg.options(n).batch_size) for n in cfg.stage_names()]
+    # The same torch thread count as a Ray actor gets: float rounding depends on it, and equal
+    # threads make both executors write the same bytes.
+    runners = [StageRunner(n, cfg.preset, cfg.options(n).cfg, cfg.options(n).batch_size,
+                           torch_threads=_torch_threads(cfg.options(n).num_cpus or 1.0))
+               for n in cfg.stage_names()]
     bs = cfg.options("inpaint").batch_size
     preset_ids = _preset_ids(cfg)
     bar = _bar(sum(len(t) for t in todo.values()), progress)
@@ -324,6 +332,14 @@ def _local_batch(rows: list[dict[str, Any]], runners: list[StageRunner], out_url
     out = stage_batch(batch, out_url, preset_ids)
     for t in out["timings"]:
         stage_seconds.update(json.loads(t))
+
+
+def _remove_staging(out_url: str) -> None:
+    """Every shard is assembled: drop what is left in staging (parts a retried task wrote again
+    after its shard was assembled)."""
+    fs, root = storage.get_fs(storage.join(out_url, "_staging"))
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
 
 
 def _bar(total: int, enabled: bool):
@@ -373,6 +389,7 @@ def finalize(cfg: TripletsConfig, ingest_manifest: dict, num_shards: int, stage_
         "shards": shards,
     }
     storage.write_json(storage.join(cfg.out_url, "manifest.json"), manifest)
+    _remove_staging(cfg.out_url)
     by_stage = defaultdict(float, stage_seconds)
     return TripletsResult(cfg.out_url, triplets + len(rejects), triplets, len(rejects), dict(reasons), urls,
                           dict(by_stage), preview)

@@ -78,6 +78,13 @@ class PrefectStack:
                               env=self.env, capture_output=True, text=True, timeout=timeout + 60)
         return proc.stdout + proc.stderr
 
+    def start_deployment(self, deployment: str, params: dict) -> str:
+        """`prefect deployment run` without waiting; returns the flow run id."""
+        return flow_run_id(self.cli("deployment", "run", deployment, "--params", json.dumps(params)).stdout)
+
+    def cancel(self, run_id: str) -> None:
+        self.cli("flow-run", "cancel", run_id)
+
     def log(self, name: str) -> str:
         path = self.home / name
         return path.read_text(errors="replace")[-5000:] if path.exists() else ""
@@ -91,3 +98,13 @@ class PrefectStack:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(self.home / "storage", ignore_errors=True)
+
+
+def flow_run_id(output: str) -> str:
+    """The flow run id printed by `prefect deployment run`."""
+    import re
+
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", output)
+    if not match:
+        raise AssertionError(f"no flow run id in:\n{output}")
+    return match.group(1)

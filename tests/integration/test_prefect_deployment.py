@@ -32,3 +32,39 @@ def test_ingest_deployment_runs_through_a_worker(prefect_stack, tmp_path: Path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["samples"] == len(SAMPLE_PHOTOS)
     assert manifest["counts"]["rejects"] == 0
+
+
+def test_build_triplets_deployment_survives_a_cancelled_run(prefect_stack, tmp_path: Path):
+    """Cancel the first run as soon as a triplet shard is final; running the deployment again
+    finishes the job without rewriting the shards that were already final."""
+    import time
+
+    from tasks.sample_images import sample_photo_bytes
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    copies = 6
+    for name in SAMPLE_PHOTOS:
+        for i in range(copies):
+            (photos / f"{i}-{name}").write_bytes(sample_photo_bytes(name))
+    out = tmp_path / "out"
+    params = {"params": {"source_format": "folder", "source": str(photos), "out": str(out), "size": 64,
+                         "shard_size": 2, "inpaint_steps": 8}}
+    prefect_stack.deploy("build-triplets/local")
+    run_id = prefect_stack.start_deployment("build-triplets/local", params)
+    shards = out / "triplets" / "shards"
+    deadline = time.time() + 400
+    while not list(shards.glob("shard-*.parquet")) and time.time() < deadline:
+        time.sleep(0.05)
+    prefect_stack.cancel(run_id)  # fails loudly if the run had already finished
+    final_before = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*")}
+    assert final_before, prefect_stack.log("worker.log")
+    assert not (out / "triplets" / "manifest.json").exists()
+    output = prefect_stack.run_deployment("build-triplets/local", params)
+    assert "Completed" in output, output + prefect_stack.log("worker.log")
+    manifest = json.loads((out / "triplets" / "manifest.json").read_text())
+    n = len(SAMPLE_PHOTOS) * copies
+    assert manifest["counts"]["sources"] == n
+    assert manifest["counts"]["triplets"] + manifest["counts"]["rejects"] == n
+    assert len(list(shards.glob("shard-*.tar"))) == n // 2
+    assert {name: (shards / name).stat().st_mtime_ns for name in final_before} == final_before

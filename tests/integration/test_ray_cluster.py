@@ -10,28 +10,56 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tasks.ingest import run_ingest
 from tasks.sample_images import SAMPLE_PHOTOS, sample_photo_bytes
 
 pytestmark = pytest.mark.slow
 COPIES = 3
+JOB = Path(__file__).with_name("cluster_kill_job.py")
 
 
-def test_killing_a_node_mid_run_accounts_for_every_input_exactly_once(tmp_path: Path):
-    src = tmp_path / "photos"
-    src.mkdir()
+def photo_copies(folder: Path, copies: int) -> list[str]:
+    folder.mkdir()
     for name in SAMPLE_PHOTOS:
-        for i in range(COPIES):
-            (src / f"{i}-{name}").write_bytes(sample_photo_bytes(name))
-    n = len(SAMPLE_PHOTOS) * COPIES
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("cluster_kill_job.py")), str(src), str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
+        for i in range(copies):
+            (folder / f"{i}-{name}").write_bytes(sample_photo_bytes(name))
+    return sorted(p.name for p in folder.iterdir())
+
+
+def run_job(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def source_ids(shards: Path) -> list[str]:
+    ids: list[str] = []
+    for index in sorted(shards.glob("shard-*.parquet")):
+        ids += pq.read_table(index).column("source_id").to_pylist()
+    return ids
+
+
+def test_killing_a_node_mid_ingest_accounts_for_every_input_exactly_once(tmp_path: Path):
+    names = photo_copies(tmp_path / "photos", COPIES)
+    n = len(names)
+    out = tmp_path / "out"
+    report = run_job("ingest", str(tmp_path / "photos"), str(out))
     assert report["killed_after"] == 1 and report["alive_nodes"] == 2  # the head and one worker are left
     assert (report["inputs"], report["samples"], report["rejects"], report["shards"]) == (n, n, 0, n)
-    source_ids = []
-    for index in sorted((out / "shards").glob("shard-*.parquet")):
-        source_ids += pq.read_table(index).column("source_id").to_pylist()
-    assert sorted(source_ids) == sorted(p.name for p in src.iterdir())  # each exactly once
+    assert sorted(source_ids(out / "shards")) == names  # each exactly once
     assert len(list((out / "shards").glob("shard-*.tar"))) == n
+
+
+def test_killing_a_node_during_the_model_stages_accounts_for_every_source(tmp_path: Path):
+    names = photo_copies(tmp_path / "photos", 2)
+    ingest = tmp_path / "ingest"
+    run_ingest("folder", str(tmp_path / "photos"), str(ingest), size=64, shard_size=4, executor="local")
+    out = tmp_path / "triplets"
+    report = run_job("triplets", str(ingest), str(out))
+    assert report["killed"] and report["alive_nodes"] == 2
+    assert report["sources"] == len(names) == report["triplets"] + report["rejects"]
+    assert sorted(source_ids(out / "shards")) == names  # each exactly once, as a triplet or a reject
+    assert list((out / "_staging").rglob("*.tar")) == []  # every staged part was assembled and removed

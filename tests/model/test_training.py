@@ -74,8 +74,10 @@ def test_text_dropout_replaces_the_caption_with_the_empty_one():
     batch = fixed_batch()
     empty = CnCBatch(**{**batch.__dict__, "captions": ["", ""]})
     never = make_step("local", DropoutConfig(text=0.0, conditions=0.0))
-    assert seeded_loss(always, batch) == seeded_loss(never, empty)
-    assert seeded_loss(never, batch) != seeded_loss(never, empty)
+    # equal up to float32 rounding (kernel paths may differ in the last bit between the two runs)
+    dropped, empty_caption = seeded_loss(always, batch), seeded_loss(never, empty)
+    assert abs(dropped - empty_caption) <= 1e-6 * abs(empty_caption)
+    assert abs(seeded_loss(never, batch) - empty_caption) > 1e-4 * abs(empty_caption)
 
 
 def test_condition_dropout_zeroes_the_conditions():
