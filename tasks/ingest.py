@@ -27,7 +27,7 @@ from tasks import storage
 from tasks.manifest import versions
 from tasks.shards import ShardWriter, read_index, shard_urls
 from tasks.sources import get_source
-from tasks.sources.base import Source, SourceError, SourceItem
+from tasks.sources.base import Source, SourceItem
 
 log = logging.getLogger(__name__)
 

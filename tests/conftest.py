@@ -17,3 +17,15 @@ def memory_url():
     fs = fsspec.filesystem("memory")
     if fs.exists(root):
         fs.rm(root, recursive=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models on a 2-core machine: one torch thread avoids OpenMP spin-waiting against Ray
+    workers and the other process, and keeps float results independent of the core count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,14 +30,6 @@ def tiny_clip(seed: int = 0) -> tuple[CLIPModel, object]:
     return CLIPModel(config).eval(), tok
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def aligner() -> CLIPAligner:
     model, tok = tiny_clip()

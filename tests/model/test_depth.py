@@ -7,7 +7,6 @@ import io
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 
 from cnc_model.depth import (
     DepthEstimator,
@@ -16,15 +15,6 @@ from cnc_model.depth import (
     encode_depth_png16,
     normalize_per_image,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -8,21 +8,12 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from flows.cli import app
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "glod_spec.yaml"
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _glod(*args: str):

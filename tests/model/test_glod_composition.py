@@ -11,14 +11,6 @@ from cnc_model.glod.token_match import TokenMatchError, _by_words, find_token_in
 from cnc_model.tiny import tiny_sd_components, tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _blocks(n: int, blocks: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n * blocks, 4, 8, 8, generator=g)

@@ -40,15 +40,6 @@ MAN = {"text": "a man with white beard", "object": "man", "box": [0, 8, 32, 64],
 WOMAN = {"text": "a woman with red hair", "object": "woman", "box": [32, 8, 64, 64], "weight": 4.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and the machine's cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def glod() -> GLoDPipeline:
     pipe = GLoDPipeline(**tiny_sd_components(0))

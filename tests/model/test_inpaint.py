@@ -14,15 +14,6 @@ from cnc_model.inpaint import NEGATIVE_PROMPT, PROMPT, Inpainter, InpaintSetting
 SIZE = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def inpainter() -> Inpainter:
     return Inpainter.tiny(seed=0, device="cpu", settings=InpaintSettings(num_inference_steps=2))

@@ -8,15 +8,6 @@ import torch
 from cnc_model.u2net import U2Net, U2NetConfig, tiny_u2net
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _rebnconv(prefix: str) -> list[str]:
     conv = [f"{prefix}.conv_s1.weight", f"{prefix}.conv_s1.bias"]
     bn = [f"{prefix}.bn_s1.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]

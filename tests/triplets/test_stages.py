@@ -8,7 +8,6 @@ import io
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 from skimage import data
 
 from tasks.triplets import masks as M
@@ -25,14 +24,6 @@ from tasks.triplets.stages import (
 SIZE = 64
 CFG = {"inpaint": {"num_inference_steps": 2}, "mask_filter": {"min_area": 0.01, "max_area": 0.95}}
 BYTE_OUTPUTS = ("fg_png", "dilated_png", "bg_jpg", "depth_fg_png", "depth_bg_png", "clip_fg_npy", "clip_bg_npy")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def jpg(image: np.ndarray) -> bytes:
@@ -75,7 +66,7 @@ EXPECTED_REJECTS = {"tiny-object": "no_salient_object", "full-frame": "object_fi
 
 
 @pytest.fixture(scope="module")
-def stages(one_thread):
+def stages():
     return build_stages("tiny", clip=True, stage_cfg=CFG)
 
 
