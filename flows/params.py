@@ -42,5 +42,6 @@ class BuildTripletsParams(BaseModel):
     limit: Optional[int] = Field(None, ge=1, description="only the first N inputs")
     inpaint_steps: int = Field(25, ge=1, le=200, description="denoising steps of the inpainting")
     clip: bool = Field(False, description="also store CLIP image embeddings of fg and bg")
+    latents: bool = Field(False, description="also store VAE latents of the source crop (fast training)")
     stages: dict[str, StageParams] = Field(default_factory=dict,
                                            description="per-stage resources, e.g. {'inpaint': {'num_gpus': 1}}")

@@ -30,7 +30,7 @@ def triplet_stages(params: BuildTripletsParams, ingest_url: str) -> dict[str, An
     from tasks.triplets.job import run_triplets
 
     result = run_triplets(ingest_url, storage.join(params.out, "triplets"), preset=params.preset, clip=params.clip,
-                          stages=triplet_stage_options(params), resume=True)
+                          latents=params.latents, stages=triplet_stage_options(params), resume=True)
     return asdict(result)
 
 

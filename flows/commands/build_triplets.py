@@ -17,6 +17,7 @@ def build_triplets(
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N inputs"),
     inpaint_steps: int = typer.Option(25, "--inpaint-steps", help="denoising steps of the inpainting"),
     clip: bool = typer.Option(False, "--clip", help="also store CLIP embeddings of fg and bg"),
+    latents: bool = typer.Option(False, "--latents", help="also store VAE latents of the source crop"),
     gpus_per_inpaint_actor: float = typer.Option(0.0, "--inpaint-gpus", help="GPUs per inpainting actor"),
     resume: bool = typer.Option(False, "--resume", help="finish an unfinished run in --out"),
 ) -> None:
@@ -38,7 +39,7 @@ def build_triplets(
                             limit=limit, resume=resume, progress=True)
         typer.echo(f"ingest: {ingest.summary()}")
         result = run_triplets(ingest.out_url, storage.join(out, "triplets"), preset=preset, clip=clip,
-                              stages=stages, resume=resume, progress=True)
+                              latents=latents, stages=stages, resume=resume, progress=True)
     except (SourceError, OutputConflict, TripletsInputError, OSError, ValueError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     typer.echo(f"triplets: {result.summary()}")

@@ -39,6 +39,7 @@ OUTPUT_FILES = {
     "depth_bg_png": "depth_bg.png",
     "clip_fg_npy": "clip_fg.npy",
     "clip_bg_npy": "clip_bg.npy",
+    "latents_npy": "latents.npy",
 }
 _INTERNAL = {"key", "source_id", "txt", "reject", "shard", "dilated_png", *OUTPUT_FILES}
 
@@ -60,11 +61,12 @@ class TripletsConfig:
     out_url: str
     preset: str = "tiny"
     clip: bool = False
+    latents: bool = False
     stages: dict[str, StageOptions] = field(default_factory=dict)
 
     def stage_names(self) -> list[str]:
         names = ["saliency", "mask_filter", "foreground", "inpaint", "depth"]
-        return names + ["clip"] if self.clip else names
+        return names + ["clip"] * self.clip + ["latents"] * self.latents
 
     def options(self, name: str) -> StageOptions:
         return self.stages.get(name, StageOptions())
@@ -162,11 +164,11 @@ def stage_batch(batch: dict[str, np.ndarray], out_url: str, preset_ids: dict[str
 
 
 def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: bool = False,
-                 stages: dict[str, StageOptions] | None = None, resume: bool = False, progress: bool = False,
+                 latents: bool = False, stages: dict[str, StageOptions] | None = None, resume: bool = False, progress: bool = False,
                  executor: str = "ray", on_shard: Callable[[int], None] | None = None) -> TripletsResult:
     """Turn a finished ingest output into triplet shards. Idempotent and resumable per sample."""
     t0 = time.perf_counter()
-    cfg = TripletsConfig(ingest_url.rstrip("/"), out_url.rstrip("/"), preset, clip, dict(stages or {}))
+    cfg = TripletsConfig(ingest_url.rstrip("/"), out_url.rstrip("/"), preset, clip, latents, dict(stages or {}))
     ingest_manifest = _validate(cfg, executor)
     _claim_output(cfg, resume)
     num_shards = len(ingest_manifest["shards"])

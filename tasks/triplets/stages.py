@@ -393,10 +393,38 @@ class ClipStage(Stage):
             out[col][i] = encode_npy(np.asarray(e, np.float32))
 
 
-STAGE_ORDER = ("saliency", "mask_filter", "foreground", "inpaint", "depth", "clip")
+class LatentsStage(Stage):
+    """VAE latents of I_s (float16 ``.npy``, shape (4, H/8, W/8), scaled), for fast training.
+
+    cfg: ``model`` (an SD folder or id whose ``vae`` to use; default the preset's ``sd``), ``seed``."""
+
+    name = "latents"
+    byte_outputs = ("latents_npy",)
+
+    def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
+                 pad_batches: bool = True, model: str | None = None, seed: int = 0):
+        super().__init__(preset, device, batch_size, pad_batches)
+        from cnc_model.latents import LatentEncoder
+
+        if model is None and self.preset.is_tiny:
+            self.encoder = LatentEncoder.tiny(seed, device=device)
+        else:
+            self.encoder = LatentEncoder.from_pretrained(model or self.preset.sd, device=device)
+
+    def process(self, batch, live, out, reject):
+        from cnc_model.clip_embed import encode_npy
+
+        images = self._decode_images(batch, "jpg", live, reject)
+        for group in _by_shape(list(images), images):
+            latents = self.micro(lambda idx: self.encoder.encode([images[j] for j in idx]), group)
+            for i, z in zip(group, latents):
+                out["latents_npy"][i] = encode_npy(np.asarray(z))
+
+
+STAGE_ORDER = ("saliency", "mask_filter", "foreground", "inpaint", "depth", "clip", "latents")
 STAGE_CLASSES: dict[str, type[Stage]] = {
     "saliency": SaliencyStage, "mask_filter": MaskFilterStage, "foreground": ForegroundStage,
-    "inpaint": InpaintStage, "depth": DepthStage, "clip": ClipStage,
+    "inpaint": InpaintStage, "depth": DepthStage, "clip": ClipStage, "latents": LatentsStage,
 }
 
 

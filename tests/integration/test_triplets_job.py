@@ -102,3 +102,57 @@ def test_resume_after_a_crash_recomputes_only_missing_samples(triplets, ingested
                  executor="local", on_shard=assembled.append)
     assert assembled == [1]
     assert tree_bytes(copy) == before
+
+
+def test_coco_stuff_masks_and_bad_inputs_travel_through_the_whole_chain(tmp_path):
+    """COCO-Stuff things masks are the triplet masks; an empty mask, a full-frame object and an
+    all-black image end as rejects with their reasons; counts add up from sources to triplets."""
+    from tests.fixtures.formats import CocoImage, coco_image, encode, label_png, synthetic_label_map, write_coco_stuff
+
+    w, h = 200, 150
+    black = encode(Image.new("RGB", (w, h), "black"))
+    entries = [
+        coco_image(1, "chelsea.png", (w, h), seed=1),
+        coco_image(2, "coffee.png", (w, h), seed=2),
+        CocoImage(3, coco_image(3).image, label_png(np.full((h, w), 150, np.uint8)), ("only stuff",), w, h),
+        CocoImage(4, coco_image(4).image, label_png(np.zeros((h, w), np.uint8)), ("all person",), w, h),
+        CocoImage(5, black, label_png(synthetic_label_map(w, h, 5)), ("a black frame",), w, h),
+    ]
+    write_coco_stuff(str(tmp_path / "coco"), entries)
+    run_ingest("coco-stuff", str(tmp_path / "coco"), str(tmp_path / "ingest"), size=SIZE, shard_size=2,
+               executor="local")
+    result = run_triplets(str(tmp_path / "ingest"), str(tmp_path / "triplets"), preset="tiny", stages=STAGES,
+                          executor="local")
+    assert result.num_sources == 5 == result.num_triplets + result.num_rejects
+    reasons = {r["source_id"].rsplit("/", 1)[-1]: r["reason"]
+               for r in pq.read_table(tmp_path / "triplets" / "rejects.parquet").to_pylist()}
+    assert reasons == {"000000000003.jpg": "no_salient_object", "000000000004.jpg": "object_fills_frame",
+                       "000000000005.jpg": "blank_image"}
+    ingest_masks = {s["__key__"]: s["mask.png"] for u in sorted((tmp_path / "ingest" / "shards").glob("*.tar"))
+                    for s in iter_tar_samples(str(u))}
+    triplets = [s for u in result.shard_urls for s in iter_tar_samples(u)]
+    assert len(triplets) == 2
+    for s in triplets:
+        assert np.array_equal(decode(s["mask.png"]), decode(ingest_masks[s["__key__"]]))
+        assert json.loads(s["json"])["mask_source"] == "labels"
+
+
+def test_optional_clip_embeddings_and_vae_latents(ingested, tmp_path):
+    import torch
+
+    from cnc_model.clip_embed import decode_npy
+    from cnc_model.latents import LatentEncoder
+
+    result = run_triplets(str(ingested / "ingest"), str(tmp_path / "t"), preset="tiny", stages=STAGES, clip=True,
+                          latents=True, executor="local")
+    encoder = LatentEncoder.tiny()
+    samples = [s for u in result.shard_urls for s in iter_tar_samples(u)]
+    assert len(samples) == result.num_triplets > 0
+    for s in samples:
+        latents = decode_npy(s["latents.npy"])
+        assert latents.dtype == np.float16 and latents.shape == (4, SIZE // 8, SIZE // 8)
+        # the stage calls the VAE on padded batches of 8; the same call shape gives the same bits
+        with torch.no_grad():
+            assert np.array_equal(latents, encoder.encode([decode(s["src.jpg"])] * 8)[0])
+        fg, bg = decode_npy(s["clip_fg.npy"]), decode_npy(s["clip_bg.npy"])
+        assert fg.shape == bg.shape and fg.ndim == 1 and not np.array_equal(fg, bg)
