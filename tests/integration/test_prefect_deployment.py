@@ -49,7 +49,7 @@ def test_build_triplets_deployment_survives_a_cancelled_run(prefect_stack, tmp_p
             (photos / f"{i}-{name}").write_bytes(sample_photo_bytes(name))
     out = tmp_path / "out"
     params = {"params": {"source_format": "folder", "source": str(photos), "out": str(out), "size": 64,
-                         "shard_size": 2, "inpaint_steps": 8}}
+                         "shard_size": 2, "inpaint_steps": 150}}  # long enough to cancel mid-way
     prefect_stack.deploy("build-triplets/local")
     run_id = prefect_stack.start_deployment("build-triplets/local", params)
     shards = out / "triplets" / "shards"
