@@ -65,8 +65,9 @@ class TripletsConfig:
     stages: dict[str, StageOptions] = field(default_factory=dict)
 
     def stage_names(self) -> list[str]:
-        names = ["saliency", "mask_filter", "foreground", "inpaint", "depth"]
-        return names + ["clip"] * self.clip + ["latents"] * self.latents
+        from tasks.triplets.stages import stage_names
+
+        return stage_names(self.clip, self.latents)
 
     def options(self, name: str) -> StageOptions:
         return self.stages.get(name, StageOptions())

@@ -428,11 +428,16 @@ STAGE_CLASSES: dict[str, type[Stage]] = {
 }
 
 
-def build_stages(preset: str = "tiny", *, clip: bool = False, device: str | None = None,
+def stage_names(clip: bool = False, latents: bool = False) -> list[str]:
+    """The stages in order; ``clip`` and ``latents`` are optional."""
+    return [n for n in STAGE_ORDER if (clip or n != "clip") and (latents or n != "latents")]
+
+
+def build_stages(preset: str = "tiny", *, clip: bool = False, latents: bool = False, device: str | None = None,
                  stage_cfg: dict[str, dict[str, Any]] | None = None) -> list[Stage]:
-    """One instance of every stage in order (``clip`` optional); ``stage_cfg[name]`` goes to its constructor."""
+    """One instance of every stage in order; ``stage_cfg[name]`` goes to its constructor."""
     stage_cfg = stage_cfg or {}
-    names = [n for n in STAGE_ORDER if clip or n != "clip"]
+    names = stage_names(clip, latents)
     unknown = set(stage_cfg) - set(names)
     if unknown:
         raise ValueError(f"unknown stages in stage_cfg: {sorted(unknown)}")
@@ -460,12 +465,13 @@ def _fill_defaults(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_stages_inline(rows: Sequence[dict[str, Any]], preset: str = "tiny", *, batch_size: int = 8,
-                      clip: bool = False, device: str | None = None,
+                      clip: bool = False, latents: bool = False, device: str | None = None,
                       stage_cfg: dict[str, dict[str, Any]] | None = None,
                       stages: list[Stage] | None = None) -> list[dict[str, Any]]:
     """All stages back to back in this process on batches of ``batch_size`` rows: the
     model-compute bound a distributed run is measured against. Returns the output rows in order."""
-    stages = stages if stages is not None else build_stages(preset, clip=clip, device=device, stage_cfg=stage_cfg)
+    if stages is None:
+        stages = build_stages(preset, clip=clip, latents=latents, device=device, stage_cfg=stage_cfg)
     rows = _fill_defaults(rows)
     out: list[dict[str, Any]] = []
     for start in range(0, len(rows), batch_size):
@@ -477,14 +483,14 @@ def run_stages_inline(rows: Sequence[dict[str, Any]], preset: str = "tiny", *, b
 
 
 def run_reference(rows: Sequence[dict[str, Any]], preset: str = "tiny", *, clip: bool = False,
-                  device: str | None = None, stage_cfg: dict[str, dict[str, Any]] | None = None,
+                  latents: bool = False, device: str | None = None, stage_cfg: dict[str, dict[str, Any]] | None = None,
                   stages: list[Stage] | None = None) -> list[dict[str, Any]]:
     """The reference approach of the paper's public scripts: each model in turn over the whole set,
     one image at a time (micro-batch 1, no padding). Same models and settings as the stages."""
     if stages is None:
         cfg = {n: {**(stage_cfg or {}).get(n, {}), "batch_size": 1, "pad_batches": False}
-               for n in STAGE_ORDER if clip or n != "clip"}
-        stages = build_stages(preset, clip=clip, device=device, stage_cfg=cfg)
+               for n in stage_names(clip, latents)}
+        stages = build_stages(preset, clip=clip, latents=latents, device=device, stage_cfg=cfg)
     rows = _fill_defaults(rows)
     for stage in stages:
         rows = [batch_to_rows(stage(rows_to_batch([r])))[0] for r in rows]
