@@ -1,15 +1,20 @@
-"""build-triplets throughput: batched stages vs the reference approach, and (hook) the Ray Data job
-vs the inline model-compute bound.
+"""build-triplets throughput: batched stages vs the reference approach, and the Ray Data job vs the
+inline model-compute bound.
 
-    .venv/bin/python benchmarks/bench_triplets.py --n 16 --size 128 --batch-size 8
-    .venv/bin/python benchmarks/bench_triplets.py --n 16 --size 128 --batch-size 8 --ray   # + the Ray job
+    .venv/bin/python benchmarks/bench_triplets.py --n 32 --size 128 --batch-size 8
+    .venv/bin/python benchmarks/bench_triplets.py --n 64 --size 128 --batch-size 8 --ray   # + the Ray job
 
 1. reference: the paper's public scripts' approach: each model in turn over the set, one image at a
    time (micro-batch 1), same models and settings (``tasks.triplets.stages.run_reference``).
 2. inline: every stage back to back in this process on batches of ``--batch-size``
    (``run_stages_inline``): the model-compute bound. Target: reference / inline >= 2.
-3. (``--ray``) the Ray Data job (``tasks.triplets.job.run_triplets``) on the same images, read from
-   an ingest output, vs the inline bound on the same rows. Target: inline / ray >= 0.85.
+   ``--threads 0`` (the default) times both with 1 torch thread and with one per core and keeps
+   each approach's best: "on the same CPU" means each at its best setting on it.
+3. (``--ray``) the Ray Data job (``tasks.triplets.job.run_triplets``, default pool sizes) on the same
+   images, read from an ingest output, vs the inline bound (its best thread count) on the same rows.
+   Target: inline / ray >= 0.85. The job runs at ``--n`` and ``--n // 2`` images: the difference
+   gives its steady-state seconds per image and the fixed cost (worker processes, imports, model
+   loads, final assembly) that a job pays once, both printed.
 
 Models are built and warmed up before timing (their load time is not part of either figure).
 Images: photos from ``skimage.data``, resized and cropped to ``--size``, flipped/rotated to make
@@ -91,106 +96,113 @@ def reset(stages) -> None:
         s.counters.clear()
 
 
+def thread_counts(args: argparse.Namespace) -> list[int]:
+    import os
+
+    return [args.threads] if args.threads else sorted({1, os.cpu_count() or 1})
+
+
+def timed(fn, threads: int, repeats: int) -> tuple[float, list]:
+    """Best of ``repeats`` wall seconds of ``fn()`` with ``threads`` torch threads, and its output."""
+    import torch
+
+    torch.set_num_threads(threads)
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=16, help="images")
+    ap.add_argument("--n", type=int, default=32, help="images")
     ap.add_argument("--size", type=int, default=128, help="image side in pixels")
     ap.add_argument("--batch-size", type=int, default=8, help="model micro-batch of every stage (inline and Ray)")
     ap.add_argument("--steps", type=int, default=25, help="inpainting steps (25 = the reference setting)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--reference-threads", type=int, default=0,
-                    help="torch threads while the reference runs (0 = same as --threads); batch-1 calls of tiny "
-                         "models can run slower on 2 threads than on 1 on a busy 2-core machine")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for both approaches (0 = try 1 and one per core, keep each one's best)")
     ap.add_argument("--clip", action="store_true", help="include the CLIP stage")
     ap.add_argument("--repeats", type=int, default=1, help="timed repeats (the best is kept)")
     ap.add_argument("--ray", action="store_true", help="also time the Ray Data job against the inline bound")
     args = ap.parse_args()
 
-    import torch
-
     from tasks.triplets.stages import build_stages, run_reference, run_stages_inline
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    ref_threads = args.reference_threads or threads
-    images = photos(args.n, args.size)
-    rows = rows_from(images)
+    rows = rows_from(photos(args.n, args.size))
     print(f"{len(rows)} images of {args.size}px, tiny preset, {args.steps} inpainting steps, batch {args.batch_size},"
-          f" torch threads {threads} (reference {ref_threads}), clip={args.clip}")
-
+          f" clip={args.clip}, torch threads tried: {thread_counts(args)}")
     ref_stages = build_stages("tiny", clip=args.clip, stage_cfg={k: {**v, "batch_size": 1, "pad_batches": False}
                                                                  for k, v in stage_cfg(args, 1).items()})
     inl_stages = build_stages("tiny", clip=args.clip, stage_cfg=stage_cfg(args, args.batch_size))
-    torch.set_num_threads(ref_threads)
-    run_reference(rows[:2], stages=ref_stages)  # warm-up: first calls of each shape are slow
-    torch.set_num_threads(threads)
-    run_stages_inline(rows[:args.batch_size], batch_size=args.batch_size, stages=inl_stages)
-
-    best_ref = best_inl = float("inf")
-    for _ in range(args.repeats):
+    results = {}
+    for threads in thread_counts(args):
+        timed(lambda: run_reference(rows[:2], stages=ref_stages), threads, 1)  # warm-up: first calls are slow
+        timed(lambda: run_stages_inline(rows[:args.batch_size], batch_size=args.batch_size, stages=inl_stages),
+              threads, 1)
         reset(ref_stages)
-        torch.set_num_threads(ref_threads)
-        t0 = time.perf_counter()
-        ref_out = run_reference(rows, stages=ref_stages)
-        best_ref = min(best_ref, time.perf_counter() - t0)
-        torch.set_num_threads(threads)
+        ref_s, ref_out = timed(lambda: run_reference(rows, stages=ref_stages), threads, args.repeats)
+        ref_detail = per_stage(ref_stages)
         reset(inl_stages)
-        t0 = time.perf_counter()
-        inl_out = run_stages_inline(rows, batch_size=args.batch_size, stages=inl_stages)
-        best_inl = min(best_inl, time.perf_counter() - t0)
-    alive = sum(not r["reject"] for r in inl_out)
-    assert [r["reject"] for r in ref_out] == [r["reject"] for r in inl_out]
-    print(f"reference (one image at a time): {best_ref:7.2f}s  {len(rows) / best_ref:6.2f} img/s   "
-          f"[{per_stage(ref_stages)}]")
-    print(f"stages inline (batched):         {best_inl:7.2f}s  {len(rows) / best_inl:6.2f} img/s   "
-          f"[{per_stage(inl_stages)}]")
-    print(f"triplets {alive}/{len(rows)}")
-    print(f"RATIO stages/reference speed-up: {best_ref / best_inl:.2f}x   (target >= 2)")
+        inl_s, inl_out = timed(lambda: run_stages_inline(rows, batch_size=args.batch_size, stages=inl_stages),
+                               threads, args.repeats)
+        assert [r["reject"] for r in ref_out] == [r["reject"] for r in inl_out]
+        results[threads] = (ref_s, inl_s)
+        print(f"[{threads} thread(s)] reference (one image at a time): {ref_s:7.2f}s {len(rows) / ref_s:6.2f} img/s"
+              f"   [{ref_detail}]")
+        print(f"[{threads} thread(s)] stages inline (batched):         {inl_s:7.2f}s {len(rows) / inl_s:6.2f} img/s"
+              f"   [{per_stage(inl_stages)}]")
+    ref_t = min(results, key=lambda t: results[t][0])
+    inl_t = min(results, key=lambda t: results[t][1])
+    best_ref, best_inl = results[ref_t][0], results[inl_t][1]
+    print(f"triplets {sum(not r['reject'] for r in inl_out)}/{len(rows)}")
+    print(f"RATIO stages/reference speed-up: {best_ref / best_inl:.2f}x   (target >= 2; each at its best: "
+          f"reference {ref_t} thread(s), batched {inl_t})")
 
     if args.ray:
-        time_ray_job(args, images, inl_stages)
+        time_ray_job(args, inl_stages, inl_t)
 
 
-# ============================================================================================ #
-# HOOK: the Ray Data job (tasks.triplets.job.run_triplets, by the lead) vs the inline bound.   #
-# Same images (read back from an ingest output, so both see the same JPEG bytes), same stage   #
-# batch sizes and settings. Target: inline seconds / ray seconds >= 0.85.                      #
-# ============================================================================================ #
-def time_ray_job(args: argparse.Namespace, images: list[np.ndarray], inl_stages) -> None:
-    try:
-        from tasks.ingest import run_ingest
-        from tasks.ray_runtime import init_ray
-        from tasks.triplets.job import StageOptions, ingest_rows, run_triplets
-    except ImportError as e:  # the job is not there yet
-        print(f"ray job: skipped ({e})")
-        return
+def time_ray_job(args: argparse.Namespace, inl_stages, threads: int) -> None:
+    """The Ray Data job at --n and --n // 2 images against the inline bound on the same rows."""
+    from tasks.ingest import run_ingest
+    from tasks.ray_runtime import init_ray
+    from tasks.triplets.job import StageOptions, ingest_rows, run_triplets
     from tasks.triplets.stages import run_stages_inline
 
+    cfg = stage_cfg(args, args.batch_size)
+    stages = {name: StageOptions(batch_size=args.batch_size, cfg={k: v for k, v in c.items() if k != "batch_size"})
+              for name, c in cfg.items()}
+    init_ray()  # started before timing: a cluster is up before a job is submitted to it
+    runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "photos"
-        folder.mkdir()
-        for i, img in enumerate(images):
-            PIL.Image.fromarray(img).save(folder / f"photo-{i:04d}.png")
-        ingest_url = str(Path(tmp) / "ingest")
-        res = run_ingest("folder", str(folder), ingest_url, size=args.size, shard_size=max(1, args.n // 4),
-                         executor="local")
-        rows = [r for i in range(len(res.shard_urls)) for r in ingest_rows(ingest_url, i, set())]
-        reset(inl_stages)
-        t0 = time.perf_counter()
-        run_stages_inline(rows, batch_size=args.batch_size, stages=inl_stages)
-        inline_s = time.perf_counter() - t0
-        init_ray()
-        cfg = stage_cfg(args, args.batch_size)
-        stages = {name: StageOptions(batch_size=args.batch_size, cfg={k: v for k, v in c.items() if k != "batch_size"})
-                  for name, c in cfg.items()}
-        t0 = time.perf_counter()
-        result = run_triplets(ingest_url, str(Path(tmp) / "triplets"), preset="tiny", clip=args.clip, stages=stages)
-        ray_s = time.perf_counter() - t0
-    print(f"inline bound on the ingested rows: {inline_s:7.2f}s   ray job: {ray_s:7.2f}s "
-          f"({result.num_triplets} triplets, {result.num_rejects} rejects)")
-    print("ray per-stage seconds: " + "  ".join(f"{k} {v:.2f}s" for k, v in sorted(result.stage_seconds.items())))
-    print(f"RATIO ray job / inline bound: {inline_s / ray_s:.2f}   (target >= 0.85)")
+        for n in (args.n // 2, args.n):
+            folder = Path(tmp) / f"photos-{n}"
+            folder.mkdir()
+            for i, img in enumerate(photos(n, args.size)):
+                PIL.Image.fromarray(img).save(folder / f"photo-{i:04d}.png")
+            ingest_url = str(Path(tmp) / f"ingest-{n}")
+            res = run_ingest("folder", str(folder), ingest_url, size=args.size, shard_size=max(1, n // 4),
+                             executor="local")
+            rows = [r for i in range(len(res.shard_urls)) for r in ingest_rows(ingest_url, i, set())]
+            inline_s, _ = timed(lambda: run_stages_inline(rows, batch_size=args.batch_size, stages=inl_stages),
+                                threads, 1)
+            t0 = time.perf_counter()
+            result = run_triplets(ingest_url, str(Path(tmp) / f"triplets-{n}"), preset="tiny", clip=args.clip,
+                                  stages=stages)
+            ray_s = time.perf_counter() - t0
+            runs[n] = (inline_s, ray_s)
+            print(f"[{n} images] inline bound ({threads} thread(s)): {inline_s:7.2f}s   ray job: {ray_s:7.2f}s "
+                  f"({result.num_triplets} triplets, {result.num_rejects} rejects)   ray per-stage compute: "
+                  + "  ".join(f"{k} {v:.2f}s" for k, v in sorted(result.stage_seconds.items())))
+    (i1, r1), (i2, r2) = runs[args.n // 2], runs[args.n]
+    dn = args.n - args.n // 2
+    ray_marginal, inline_marginal = (r2 - r1) / dn, (i2 - i1) / dn
+    print(f"ray job steady state {ray_marginal:.3f} s/img, fixed cost per job {r2 - args.n * ray_marginal:.1f}s;"
+          f" inline {inline_marginal:.3f} s/img")
+    print(f"RATIO ray job / inline bound, end to end at {args.n} images: {i2 / r2:.2f}   (target >= 0.85)")
+    print(f"RATIO ray job / inline bound, steady state: {inline_marginal / ray_marginal:.2f}")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,13 @@ class StageParams(BaseModel):
     """Resources of one model stage's Ray actor pool."""
 
     batch_size: int = Field(8, ge=1, description="samples per model call")
-    num_cpus: Optional[float] = Field(None, gt=0, description="CPUs per actor (default: share the machine)")
+    num_cpus: Optional[float] = Field(None, gt=0, description="CPUs per actor (default: a small share; "
+                                      "inpainting shares what the other stages leave)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
-    max_actors: int = Field(1, ge=1, description="largest size of the stage's actor pool")
+    min_actors: Optional[int] = Field(None, ge=1, description="actors started before the first batch (default 1; "
+                                      "inpainting on CPUs: ~80% of the CPUs' count)")
+    max_actors: Optional[int] = Field(None, ge=1, description="largest size of the pool (default: min_actors; "
+                                      "a GPU stage: as many as the GPUs hold)")
 
 
 class BuildTripletsParams(BaseModel):

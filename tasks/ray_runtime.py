@@ -12,6 +12,7 @@ import os
 import ray
 
 log = logging.getLogger(__name__)
+_joined = False
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
@@ -19,15 +20,23 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
 
     Reuses an already initialised Ray (tests, notebooks). Returns the cluster's resources.
     """
+    global _joined
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address:
+            _joined = True
             log.info("joining Ray cluster at %s", address)
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=_want_dashboard(),
                      log_to_driver=False)
     return ray.cluster_resources()
+
+
+def joined_cluster() -> bool:
+    """Whether this process joined an existing cluster (which may autoscale) rather than
+    starting its own local Ray (whose resources are fixed)."""
+    return _joined or bool(os.environ.get("RAY_ADDRESS"))
 
 
 def _want_dashboard() -> bool:

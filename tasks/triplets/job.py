@@ -1,7 +1,9 @@
 """build-triplets: ingested shards -> CnC triplet shards, as one streaming Ray Data job.
 
-    ingest shards ─read─▶ saliency ─▶ mask filter ─▶ foreground ─▶ inpaint ─▶ depth ─▶ [clip] ─stage─▶ assemble
-                          (each model stage is an actor pool: the model loads once per actor)
+    ingest shards ─read─▶ saliency ─▶ [mask filter ▶ foreground ▶ inpaint] ─▶ depth ─▶ [clip] ─stage─▶ assemble
+                          (each model stage is an actor pool: the model loads once per actor; the
+                           numpy-only stages run inside the inpainting actors; the last pool stages
+                           its results itself. Pool sizes: :mod:`tasks.triplets.resources`)
 
 Samples travel as encoded bytes. Finished batches are staged at once (see
 :mod:`tasks.triplets.staging`); a shard is assembled, in ingest order, as soon as its last sample
@@ -11,6 +13,7 @@ is staged. Every source ends as a triplet or a reject: ingest rejects are carrie
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -25,6 +28,7 @@ from tasks import storage
 from tasks.manifest import versions
 from tasks.shards import iter_tar_samples, read_index, shard_urls
 from tasks.triplets import staging
+from tasks.triplets.resources import TASK_CPUS, PoolPlan, ResourceError, check_fits, plan_pools, pool_groups
 from tasks.triplets.stage_runner import StageRunner
 
 log = logging.getLogger(__name__)
@@ -46,12 +50,14 @@ _INTERNAL = {"key", "source_id", "txt", "reject", "shard", "dilated_png", *OUTPU
 
 @dataclass(frozen=True)
 class StageOptions:
-    """Resources and batch size of one stage's actor pool."""
+    """Resources and batch size of one stage's actor pool; ``None`` picks the defaults that
+    ``tasks.triplets.resources`` describes."""
 
     batch_size: int = 8
-    num_cpus: float | None = None  # None: share the CPUs between the stages
+    num_cpus: float | None = None
     num_gpus: float = 0.0
-    max_actors: int = 1
+    min_actors: int | None = None
+    max_actors: int | None = None
     cfg: dict[str, Any] = field(default_factory=dict)  # passed to the stage's constructor
 
 
@@ -165,12 +171,15 @@ def stage_batch(batch: dict[str, np.ndarray], out_url: str, preset_ids: dict[str
 
 
 def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: bool = False,
-                 latents: bool = False, stages: dict[str, StageOptions] | None = None, resume: bool = False, progress: bool = False,
-                 executor: str = "ray", on_shard: Callable[[int], None] | None = None) -> TripletsResult:
+                 latents: bool = False, stages: dict[str, StageOptions] | None = None, resume: bool = False,
+                 progress: bool = False, executor: str = "ray",
+                 on_shard: Callable[[int], None] | None = None) -> TripletsResult:
     """Turn a finished ingest output into triplet shards. Idempotent and resumable per sample."""
     t0 = time.perf_counter()
     cfg = TripletsConfig(ingest_url.rstrip("/"), out_url.rstrip("/"), preset, clip, latents, dict(stages or {}))
     ingest_manifest = _validate(cfg, executor)
+    if executor == "ray":
+        _plan_ray_pools(cfg)  # a request that cannot fit fails here, before the output is claimed
     _claim_output(cfg, resume)
     num_shards = len(ingest_manifest["shards"])
     shards_url = storage.join(cfg.out_url, "shards")
@@ -206,9 +215,12 @@ def _validate(cfg: TripletsConfig, executor: str) -> dict[str, Any]:
     if executor == "ray" and any(u.startswith("memory://") for u in (cfg.ingest_url, cfg.out_url)):
         raise ValueError("memory:// lives inside one process; Ray workers cannot see it (use executor='local')")
     get_preset(cfg.preset)
-    for name in cfg.stages:
+    for name, opt in cfg.stages.items():
         if name not in cfg.stage_names():
             raise ValueError(f"unknown stage {name!r} in stage options; stages: {', '.join(cfg.stage_names())}")
+        if name in _model_free() and (opt.num_cpus or opt.num_gpus or opt.min_actors or opt.max_actors):
+            host = next(g[-1] for g in pool_groups(cfg.stage_names(), _model_free()) if name in g)
+            raise ValueError(f"stage {name!r} runs inside the {host!r} actors; give resources to {host!r}")
     manifest_url = storage.join(cfg.ingest_url, "manifest.json")
     if not storage.exists(manifest_url):
         raise TripletsInputError(f"{cfg.ingest_url} is not a finished ingest output (no manifest.json)")
@@ -231,13 +243,32 @@ def _claim_output(cfg: TripletsConfig, resume: bool) -> None:
     storage.write_json(config_url, wanted)
 
 
-def _default_cpus(cfg: TripletsConfig, total_cpus: float) -> float:
-    """Without explicit requests the stages share the CPUs, leaving room for read and stage tasks."""
-    return max(0.1, round(total_cpus * 0.8 / len(cfg.stage_names()), 2))
+def _plan_ray_pools(cfg: TripletsConfig, batches: int | None = None) -> dict[str, PoolPlan]:
+    """Starts or joins Ray and sizes the actor pools (one per entry of ``pool_groups``, named by
+    its last stage) on the cluster's resources."""
+    from tasks.ray_runtime import init_ray, joined_cluster
+
+    resources = init_ray()
+    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    names = [g[-1] for g in pool_groups(cfg.stage_names(), _model_free())]
+    plans = plan_pools(names, cfg.stages, cpus, gpus, batches=batches)
+    try:
+        check_fits(plans, cpus, gpus)
+    except ResourceError as exc:
+        if not joined_cluster():  # a local Ray's resources are fixed: Ray Data would wait forever
+            raise
+        log.warning("%s; waiting for the cluster to grow", exc)  # an autoscaling cluster may
+    return plans
 
 
-def _torch_threads(num_cpus: float) -> int:
-    return max(1, int(num_cpus))
+def _model_free() -> set[str]:
+    from tasks.triplets.stages import STAGE_CLASSES
+
+    return {name for name, cls in STAGE_CLASSES.items() if not cls.has_model}
+
+
+def _stage_args(cfg: TripletsConfig, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    return [(n, {"batch_size": cfg.options(n).batch_size, **cfg.options(n).cfg}) for n in names]
 
 
 def _preset_ids(cfg: TripletsConfig) -> dict[str, Any]:
@@ -250,11 +281,13 @@ def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict
                 stage_seconds: Counter, progress: bool, assembled: Callable[[int], None]) -> None:
     import ray
 
-    from tasks.ray_runtime import init_ray, quiet_ray_data
+    from tasks.ray_runtime import quiet_ray_data
 
-    resources = init_ray()
     quiet_ray_data()
-    assemble = ray.remote(num_cpus=0.5, max_retries=5)(staging.assemble_shard)
+    groups = pool_groups(cfg.stage_names(), _model_free())
+    batches = sum(-(-len(todo[i]) // cfg.options("inpaint").batch_size) for i in expected)
+    plans = _plan_ray_pools(cfg, batches=max(1, batches))
+    assemble = ray.remote(num_cpus=TASK_CPUS, max_retries=5)(staging.assemble_shard)
     futures = {i: assemble.remote(cfg.out_url, i, expected[i]) for i in expected if not todo[i]}
     pending = [i for i in expected if todo[i]]
     if pending:
@@ -265,21 +298,20 @@ def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         # Ray Data retries tasks and restarts actors lost with a node by default; a sample reaches
         # staging at most once per successful batch, and staging tolerates repeats.
-        ds = ds.flat_map(_flat_read, fn_kwargs={"ingest_url": cfg.ingest_url}, num_cpus=0.25)
-        cpus = _default_cpus(cfg, resources.get("CPU", 1.0))
-        for name in cfg.stage_names():
-            opt = cfg.options(name)
-            num_cpus = opt.num_cpus if opt.num_cpus is not None else cpus
+        ds = ds.flat_map(_flat_read, fn_kwargs={"ingest_url": cfg.ingest_url}, num_cpus=TASK_CPUS)
+        finish = functools.partial(stage_batch, out_url=cfg.out_url, preset_ids=_preset_ids(cfg))
+        for group in groups:
+            plan, opt = plans[group[-1]], cfg.options(group[-1])
             ds = ds.map_batches(
                 StageRunner,
-                fn_constructor_kwargs={"name": name, "preset": cfg.preset, "cfg": opt.cfg,
-                                       "batch_size": opt.batch_size, "torch_threads": _torch_threads(num_cpus)},
+                fn_constructor_kwargs={"stages": _stage_args(cfg, group), "preset": cfg.preset,
+                                       "torch_threads": plan.torch_threads,
+                                       # the last pool writes its results to staging itself
+                                       "finish": finish if group is groups[-1] else None},
                 batch_size=opt.batch_size, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=opt.max_actors),
-                num_cpus=num_cpus, num_gpus=opt.num_gpus or None,
+                compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+                num_cpus=plan.num_cpus, num_gpus=plan.num_gpus or None,
             )
-        ds = ds.map_batches(stage_batch, fn_kwargs={"out_url": cfg.out_url, "preset_ids": _preset_ids(cfg)},
-                            batch_format="numpy", batch_size=cfg.options("inpaint").batch_size, num_cpus=0.25)
         remaining = {i: len(todo[i]) for i in pending}
         bar = _bar(sum(remaining.values()), progress)
         for row in ds.iter_rows():
@@ -301,13 +333,12 @@ def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict
 def _run_local(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict[int, set[str]],
                stage_seconds: Counter, progress: bool, assembled: Callable[[int], None]) -> None:
     """Every stage in this process, one after another (debugging, memory://, the inline bound)."""
-    # The same torch thread count as a Ray actor gets: float rounding depends on it, and equal
-    # threads make both executors write the same bytes.
-    runners = [StageRunner(n, cfg.preset, cfg.options(n).cfg, cfg.options(n).batch_size,
-                           torch_threads=_torch_threads(cfg.options(n).num_cpus or 1.0))
-               for n in cfg.stage_names()]
+    # The same torch threads as a Ray actor gets by default (one): equal threads make both executors
+    # write the same bytes.
+    threads = PoolPlan(cfg.options("inpaint").num_cpus or 1.0, 0.0, 1, 1).torch_threads
+    runner = StageRunner(_stage_args(cfg, cfg.stage_names()), cfg.preset, torch_threads=threads,
+                         finish=functools.partial(stage_batch, out_url=cfg.out_url, preset_ids=_preset_ids(cfg)))
     bs = cfg.options("inpaint").batch_size
-    preset_ids = _preset_ids(cfg)
     bar = _bar(sum(len(t) for t in todo.values()), progress)
     for i in expected:
         skip = set(staging.staged_rows(cfg.out_url, i))
@@ -315,24 +346,21 @@ def _run_local(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict[
         for row in ingest_rows(cfg.ingest_url, i, skip):
             buf.append(row)
             if len(buf) == bs:
-                _local_batch(buf, runners, cfg.out_url, preset_ids, stage_seconds)
+                _local_batch(buf, runner, stage_seconds)
                 bar.update(len(buf))
                 buf = []
         if buf:
-            _local_batch(buf, runners, cfg.out_url, preset_ids, stage_seconds)
+            _local_batch(buf, runner, stage_seconds)
             bar.update(len(buf))
         staging.assemble_shard(cfg.out_url, i, expected[i])
         assembled(i)
     bar.close()
 
 
-def _local_batch(rows: list[dict[str, Any]], runners: list[StageRunner], out_url: str, preset_ids: dict,
-                 stage_seconds: Counter) -> None:
+def _local_batch(rows: list[dict[str, Any]], runner: StageRunner, stage_seconds: Counter) -> None:
     batch = {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
     batch["shard"] = batch["shard"].astype(np.int64)
-    for runner in runners:
-        batch = runner(batch)
-    out = stage_batch(batch, out_url, preset_ids)
+    out = runner(batch)
     for t in out["timings"]:
         stage_seconds.update(json.loads(t))
 

@@ -1,10 +1,12 @@
-"""Runs one triplet stage inside a Ray Data actor: loads its model once, times every batch, and
+"""Runs triplet stages inside a Ray Data actor: loads their models once, times every batch, and
 exports per-stage Ray metrics (samples, rejects by reason, batch latency, in-flight batches) that
 the Ray dashboard and its Prometheus endpoint show."""
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -57,28 +59,29 @@ class _StageMetrics:
 
 
 class StageRunner:
-    """The callable class handed to ``Dataset.map_batches`` for stage ``name``."""
+    """The callable class handed to ``Dataset.map_batches``: one or more consecutive stages in one
+    actor, then optionally ``finish`` (the job's staging write) on the result.
 
-    def __init__(self, name: str, preset: str, cfg: dict[str, Any] | None = None, batch_size: int | None = None,
-                 torch_threads: int | None = None):
-        if torch_threads:
-            import torch
+    ``stages`` is a list of ``(name, cfg)``; ``cfg`` goes to the stage's constructor (e.g.
+    ``batch_size``). Per-stage seconds come back in the ``_t_<name>`` columns (per row)."""
 
-            torch.set_num_threads(torch_threads)
-        self.name = name
-        extra = {"batch_size": batch_size} if batch_size else {}
-        self.stage = stage_class(name)(preset=preset, **extra, **(cfg or {}))
-        self.metrics = _StageMetrics(name)
+    def __init__(self, stages: list[tuple[str, dict[str, Any]]], preset: str, torch_threads: int | None = None,
+                 finish: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None):
+        self.stages = [(name, stage_class(name)(preset=preset, **(cfg or {})), _StageMetrics(name))
+                       for name, cfg in stages]
+        self.finish = finish
+        if torch_threads and "torch" in sys.modules:  # the numpy-only stages skip torch's import
+            sys.modules["torch"].set_num_threads(torch_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
-        before = np.asarray(batch["reject"]).copy()
-        self.metrics.start()
-        t0 = time.perf_counter()
-        out = self.stage(batch)
-        seconds = time.perf_counter() - t0
-        after = out["reject"]
-        new = [str(a) for b, a in zip(before, after) if not b and a]
-        self.metrics.done(n, seconds, new)
-        out[f"_t_{self.name}"] = np.full(n, seconds / max(n, 1), dtype=np.float64)
-        return out
+        for name, stage, metrics in self.stages:
+            before = np.asarray(batch["reject"]).copy()
+            metrics.start()
+            t0 = time.perf_counter()
+            batch = stage(batch)
+            seconds = time.perf_counter() - t0
+            new = [str(a) for b, a in zip(before, batch["reject"]) if not b and a]
+            metrics.done(n, seconds, new)
+            batch[f"_t_{name}"] = np.full(n, seconds / max(n, 1), dtype=np.float64)
+        return self.finish(batch) if self.finish else batch

@@ -85,6 +85,7 @@ class Stage:
     """Common frame: pass rejects through, fill this stage's columns, count rows and rejects."""
 
     name = "stage"
+    has_model = False  # numpy-only stages run inside the next model stage's actors
     byte_outputs: tuple[str, ...] = ()
     str_outputs: tuple[str, ...] = ()
     number_outputs: dict[str, type] = {}
@@ -154,6 +155,7 @@ class SaliencyStage(Stage):
     """
 
     name = "saliency"
+    has_model = True
     str_outputs = ("mask_source",)
 
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
@@ -271,6 +273,7 @@ class InpaintStage(Stage):
     """
 
     name = "inpaint"
+    has_model = True
     byte_outputs = ("bg_jpg",)
     number_outputs = {"seed": np.int64}
 
@@ -334,6 +337,7 @@ class DepthStage(Stage):
     cfg: ``model`` (overrides the preset), ``compress_level`` (1), ``seed`` (tiny weights)."""
 
     name = "depth"
+    has_model = True
     byte_outputs = ("depth_fg_png", "depth_bg_png")
 
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
@@ -368,6 +372,7 @@ class ClipStage(Stage):
     cfg: ``model`` (overrides the preset), ``seed`` (tiny weights)."""
 
     name = "clip"
+    has_model = True
     byte_outputs = ("clip_fg_npy", "clip_bg_npy")
 
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
@@ -399,6 +404,7 @@ class LatentsStage(Stage):
     cfg: ``model`` (an SD folder or id whose ``vae`` to use; default the preset's ``sd``), ``seed``."""
 
     name = "latents"
+    has_model = True
     byte_outputs = ("latents_npy",)
 
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,

@@ -58,8 +58,8 @@ def run_triplets_mode(cluster: Cluster, victim, ingest: str, out: str) -> dict:
 
     threading.Thread(target=kill_when_staging_starts, daemon=True).start()
     # small CPU requests so that every stage's actor fits on the one node that is left
-    stages = {n: StageOptions(batch_size=2, num_cpus=0.15, cfg={"num_inference_steps": 2} if n == "inpaint" else {})
-              for n in ("saliency", "mask_filter", "foreground", "inpaint", "depth")}
+    stages = {n: StageOptions(batch_size=2, num_cpus=0.15, max_actors=1, cfg={"num_inference_steps": 2} if n == "inpaint" else {})
+              for n in ("saliency", "inpaint", "depth")}
     result = run_triplets(ingest, out, preset="tiny", stages=stages)
     return {"killed": killed.is_set(), "sources": result.num_sources, "triplets": result.num_triplets,
             "rejects": result.num_rejects, "shards": len(result.shard_urls)}

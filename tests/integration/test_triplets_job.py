@@ -156,3 +156,15 @@ def test_optional_clip_embeddings_and_vae_latents(ingested, tmp_path):
             assert np.array_equal(latents, encoder.encode([decode(s["src.jpg"])] * 8)[0])
         fg, bg = decode_npy(s["clip_fg.npy"]), decode_npy(s["clip_bg.npy"])
         assert fg.shape == bg.shape and fg.ndim == 1 and not np.array_equal(fg, bg)
+
+
+def test_pools_that_cannot_fit_fail_before_the_output_is_claimed(ray_local, ingested, tmp_path):
+    from tasks.triplets.resources import ResourceError
+
+    out = tmp_path / "never"
+    too_big = {"inpaint": StageOptions(num_cpus=1.0, min_actors=3)}  # the local Ray has 2 CPUs
+    with pytest.raises(ResourceError, match="need 3.7 CPUs, the cluster has 2"):
+        run_triplets(str(ingested / "ingest"), str(out), preset="tiny", stages=too_big)
+    with pytest.raises(ValueError, match="'foreground' runs inside the 'inpaint' actors"):
+        run_triplets(str(ingested / "ingest"), str(out), preset="tiny", stages={"foreground": StageOptions(num_cpus=1)})
+    assert not (out / "_config.json").exists()  # not claimed: the corrected command runs without --resume

@@ -1,0 +1,72 @@
+"""Actor-pool sizing: defaults that always fit, explicit requests that win, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.triplets.job import StageOptions
+from tasks.triplets.resources import (
+    TASK_CPUS,
+    PoolPlan,
+    ResourceError,
+    check_fits,
+    plan_pools,
+    pool_groups,
+)
+from tasks.triplets.stages import STAGE_CLASSES, stage_names
+
+MODEL_FREE = {n for n, cls in STAGE_CLASSES.items() if not cls.has_model}
+
+
+def pools(clip: bool = False, latents: bool = False) -> list[str]:
+    return [g[-1] for g in pool_groups(stage_names(clip, latents), MODEL_FREE)]
+
+
+def test_numpy_only_stages_run_in_the_inpainting_pool():
+    assert MODEL_FREE == {"mask_filter", "foreground"}
+    assert pool_groups(stage_names(True, True), MODEL_FREE) == [
+        ["saliency"], ["mask_filter", "foreground", "inpaint"], ["depth"], ["clip"], ["latents"]]
+    assert pool_groups(["a", "b", "c"], {"b", "c"}) == [["a"], ["b", "c"]]  # trailing ones: a pool of their own
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16, 64])
+@pytest.mark.parametrize("optional", [False, True])
+def test_defaults_fit_every_machine_and_give_inpainting_the_rest(cpus, optional):
+    plans = plan_pools(pools(optional, optional), {}, cpus)
+    check_fits(plans, cpus)
+    used = sum(p.num_cpus * p.min_actors for p in plans.values()) + 2 * TASK_CPUS
+    inpaint = plans["inpaint"]
+    assert cpus - 0.01 * inpaint.min_actors - 1e-9 < used <= cpus + 1e-9  # nothing idle but the rounding down
+    assert inpaint.min_actors == inpaint.max_actors == max(1, round(cpus * 0.8))
+    assert all(p.min_actors == p.max_actors == 1 for n, p in plans.items() if n != "inpaint")
+    assert all(p.torch_threads == 1 for p in plans.values())
+
+
+def test_a_short_job_starts_no_idle_inpainting_actors():
+    assert plan_pools(pools(), {}, 16, batches=3)["inpaint"].min_actors == 3
+    assert plan_pools(pools(), {}, 16, batches=100)["inpaint"].min_actors == 13
+
+
+def test_explicit_options_win():
+    opts = {"inpaint": StageOptions(num_cpus=2.0, min_actors=1, max_actors=3), "depth": StageOptions(num_cpus=0.5)}
+    plans = plan_pools(pools(), opts, 8)
+    assert plans["inpaint"] == PoolPlan(2.0, 0.0, 1, 3)
+    assert plans["inpaint"].torch_threads == 2
+    assert plans["depth"] == PoolPlan(0.5, 0.0, 1, 1)
+
+
+def test_a_gpu_pool_grows_to_what_the_gpus_hold():
+    opts = {"inpaint": StageOptions(num_gpus=1), "depth": StageOptions(num_gpus=0.25)}
+    plans = plan_pools(pools(), opts, 32, total_gpus=8)
+    assert plans["inpaint"] == PoolPlan(0.5, 1.0, 1, 8)
+    assert plans["depth"] == PoolPlan(0.5, 0.25, 1, 32)
+    check_fits(plans, 32, 8)
+
+
+def test_requests_that_can_never_fit_are_an_error():
+    with pytest.raises(ResourceError, match="need 4.7 CPUs, the cluster has 2"):
+        check_fits(plan_pools(pools(), {"inpaint": StageOptions(num_cpus=1.0, min_actors=4)}, 2), 2)
+    with pytest.raises(ResourceError, match="GPUs"):
+        check_fits(plan_pools(pools(), {"inpaint": StageOptions(num_gpus=1, min_actors=2)}, 8, 1), 8, 1)
+    with pytest.raises(ResourceError, match="min_actors 3 > max_actors 2"):
+        plan_pools(pools(), {"depth": StageOptions(min_actors=3, max_actors=2)}, 8)
