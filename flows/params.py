@@ -32,6 +32,8 @@ class StageParams(BaseModel):
                                       "inpainting on CPUs: ~80% of the CPUs' count)")
     max_actors: Optional[int] = Field(None, ge=1, description="largest size of the pool (default: min_actors; "
                                       "a GPU stage: as many as the GPUs hold)")
+    memory_gib: Optional[float] = Field(None, gt=0, description="memory Ray reserves per actor, GiB (a "
+                                        "scheduling hint; sd15 inpainting weights alone are ~4.3 GiB in fp32)")
 
 
 class BuildTripletsParams(BaseModel):

@@ -58,6 +58,7 @@ class StageOptions:
     num_gpus: float = 0.0
     min_actors: int | None = None
     max_actors: int | None = None
+    memory_gib: float | None = None  # Ray's memory request per actor (scheduling, not a limit)
     cfg: dict[str, Any] = field(default_factory=dict)  # passed to the stage's constructor
 
 
@@ -218,7 +219,8 @@ def _validate(cfg: TripletsConfig, executor: str) -> dict[str, Any]:
     for name, opt in cfg.stages.items():
         if name not in cfg.stage_names():
             raise ValueError(f"unknown stage {name!r} in stage options; stages: {', '.join(cfg.stage_names())}")
-        if name in _model_free() and (opt.num_cpus or opt.num_gpus or opt.min_actors or opt.max_actors):
+        if name in _model_free() and (opt.num_cpus or opt.num_gpus or opt.min_actors or opt.max_actors
+                                      or opt.memory_gib):
             host = next(g[-1] for g in pool_groups(cfg.stage_names(), _model_free()) if name in g)
             raise ValueError(f"stage {name!r} runs inside the {host!r} actors; give resources to {host!r}")
     manifest_url = storage.join(cfg.ingest_url, "manifest.json")
@@ -311,6 +313,7 @@ def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict
                 batch_size=opt.batch_size, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
                 num_cpus=plan.num_cpus, num_gpus=plan.num_gpus or None,
+                **({"memory": int(opt.memory_gib * 2**30)} if opt.memory_gib else {}),
             )
         remaining = {i: len(todo[i]) for i in pending}
         bar = _bar(sum(remaining.values()), progress)
