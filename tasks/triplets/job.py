@@ -28,7 +28,7 @@ from tasks import storage
 from tasks.manifest import versions
 from tasks.shards import iter_tar_samples, read_index, shard_urls
 from tasks.triplets import staging
-from tasks.triplets.resources import TASK_CPUS, PoolPlan, ResourceError, check_fits, plan_pools, pool_groups
+from tasks.triplets import resources as pools
 from tasks.triplets.stage_runner import StageRunner
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def _validate(cfg: TripletsConfig, executor: str) -> dict[str, Any]:
             raise ValueError(f"unknown stage {name!r} in stage options; stages: {', '.join(cfg.stage_names())}")
         if name in _model_free() and (opt.num_cpus or opt.num_gpus or opt.min_actors or opt.max_actors
                                       or opt.memory_gib):
-            host = next(g[-1] for g in pool_groups(cfg.stage_names(), _model_free()) if name in g)
+            host = next(g[-1] for g in pools.pool_groups(cfg.stage_names(), _model_free()) if name in g)
             raise ValueError(f"stage {name!r} runs inside the {host!r} actors; give resources to {host!r}")
     manifest_url = storage.join(cfg.ingest_url, "manifest.json")
     if not storage.exists(manifest_url):
@@ -245,21 +245,22 @@ def _claim_output(cfg: TripletsConfig, resume: bool) -> None:
     storage.write_json(config_url, wanted)
 
 
-def _plan_ray_pools(cfg: TripletsConfig, batches: int | None = None) -> dict[str, PoolPlan]:
+def _plan_ray_pools(cfg: TripletsConfig, batches: int | None = None) -> dict[str, pools.PoolPlan]:
     """Starts or joins Ray and sizes the actor pools (one per entry of ``pool_groups``, named by
     its last stage) on the cluster's resources."""
     from tasks.ray_runtime import init_ray, joined_cluster
 
     resources = init_ray()
-    cpus, gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
-    names = [g[-1] for g in pool_groups(cfg.stage_names(), _model_free())]
-    plans = plan_pools(names, cfg.stages, cpus, gpus, batches=batches)
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    names = [g[-1] for g in pools.pool_groups(cfg.stage_names(), _model_free())]
+    elastic = joined_cluster()
+    plans = pools.plan_pools(names, cfg.stages, cpus, gpus, batches=batches, elastic=elastic)
     try:
-        check_fits(plans, cpus, gpus)
-    except ResourceError as exc:
-        if not joined_cluster():  # a local Ray's resources are fixed: Ray Data would wait forever
+        pools.check_fits(plans, cpus, gpus)
+    except pools.ResourceError as exc:
+        if not elastic:  # a local Ray's resources are fixed: Ray Data would wait forever
             raise
-        log.warning("%s; waiting for the cluster to grow", exc)  # an autoscaling cluster may
+        log.warning("%s; the job waits until the cluster has grown to fit", exc)
     return plans
 
 
@@ -286,10 +287,10 @@ def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict
     from tasks.ray_runtime import quiet_ray_data
 
     quiet_ray_data()
-    groups = pool_groups(cfg.stage_names(), _model_free())
+    groups = pools.pool_groups(cfg.stage_names(), _model_free())
     batches = sum(-(-len(todo[i]) // cfg.options("inpaint").batch_size) for i in expected)
     plans = _plan_ray_pools(cfg, batches=max(1, batches))
-    assemble = ray.remote(num_cpus=TASK_CPUS, max_retries=5)(staging.assemble_shard)
+    assemble = ray.remote(num_cpus=pools.TASK_CPUS, max_retries=5)(staging.assemble_shard)
     futures = {i: assemble.remote(cfg.out_url, i, expected[i]) for i in expected if not todo[i]}
     pending = [i for i in expected if todo[i]]
     if pending:
@@ -300,21 +301,26 @@ def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         # Ray Data retries tasks and restarts actors lost with a node by default; a sample reaches
         # staging at most once per successful batch, and staging tolerates repeats.
-        ds = ds.flat_map(_flat_read, fn_kwargs={"ingest_url": cfg.ingest_url}, num_cpus=TASK_CPUS)
+        ds = ds.flat_map(_flat_read, fn_kwargs={"ingest_url": cfg.ingest_url}, num_cpus=pools.TASK_CPUS)
         finish = functools.partial(stage_batch, out_url=cfg.out_url, preset_ids=_preset_ids(cfg))
+        # The last pool writes its results to staging itself (no extra process, no extra hop of
+        # every image) unless it holds GPUs, which should not wait on storage.
+        fold = not plans[groups[-1][-1]].num_gpus
         for group in groups:
             plan, opt = plans[group[-1]], cfg.options(group[-1])
             ds = ds.map_batches(
                 StageRunner,
                 fn_constructor_kwargs={"stages": _stage_args(cfg, group), "preset": cfg.preset,
                                        "torch_threads": plan.torch_threads,
-                                       # the last pool writes its results to staging itself
-                                       "finish": finish if group is groups[-1] else None},
+                                       "finish": finish if fold and group is groups[-1] else None},
                 batch_size=opt.batch_size, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
                 num_cpus=plan.num_cpus, num_gpus=plan.num_gpus or None,
                 **({"memory": int(opt.memory_gib * 2**30)} if opt.memory_gib else {}),
             )
+        if not fold:
+            ds = ds.map_batches(finish, batch_format="numpy", batch_size=cfg.options(groups[-1][-1]).batch_size,
+                                num_cpus=pools.TASK_CPUS)
         remaining = {i: len(todo[i]) for i in pending}
         bar = _bar(sum(remaining.values()), progress)
         for row in ds.iter_rows():
@@ -336,11 +342,12 @@ def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict
 def _run_local(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict[int, set[str]],
                stage_seconds: Counter, progress: bool, assembled: Callable[[int], None]) -> None:
     """Every stage in this process, one after another (debugging, memory://, the inline bound)."""
-    # The same torch threads as a Ray actor gets by default (one): equal threads make both executors
-    # write the same bytes.
-    threads = PoolPlan(cfg.options("inpaint").num_cpus or 1.0, 0.0, 1, 1).torch_threads
-    runner = StageRunner(_stage_args(cfg, cfg.stage_names()), cfg.preset, torch_threads=threads,
-                         finish=functools.partial(stage_batch, out_url=cfg.out_url, preset_ids=_preset_ids(cfg)))
+    # The same groups and torch threads as the Ray actors: equal threads make both executors write
+    # the same bytes.
+    groups = pools.pool_groups(cfg.stage_names(), _model_free())
+    finish = functools.partial(stage_batch, out_url=cfg.out_url, preset_ids=_preset_ids(cfg))
+    runners = [StageRunner(_stage_args(cfg, g), cfg.preset, torch_threads=pools.torch_threads(cfg.options(g[-1])),
+                           finish=finish if g is groups[-1] else None) for g in groups]
     bs = cfg.options("inpaint").batch_size
     bar = _bar(sum(len(t) for t in todo.values()), progress)
     for i in expected:
@@ -349,21 +356,23 @@ def _run_local(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict[
         for row in ingest_rows(cfg.ingest_url, i, skip):
             buf.append(row)
             if len(buf) == bs:
-                _local_batch(buf, runner, stage_seconds)
+                _local_batch(buf, runners, stage_seconds)
                 bar.update(len(buf))
                 buf = []
         if buf:
-            _local_batch(buf, runner, stage_seconds)
+            _local_batch(buf, runners, stage_seconds)
             bar.update(len(buf))
         staging.assemble_shard(cfg.out_url, i, expected[i])
         assembled(i)
     bar.close()
 
 
-def _local_batch(rows: list[dict[str, Any]], runner: StageRunner, stage_seconds: Counter) -> None:
+def _local_batch(rows: list[dict[str, Any]], runners: list[StageRunner], stage_seconds: Counter) -> None:
     batch = {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
     batch["shard"] = batch["shard"].astype(np.int64)
-    out = runner(batch)
+    for runner in runners:
+        batch = runner(batch)
+    out = batch
     for t in out["timings"]:
         stage_seconds.update(json.loads(t))
 

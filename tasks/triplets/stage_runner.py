@@ -70,10 +70,14 @@ class StageRunner:
         self.stages = [(name, stage_class(name)(preset=preset, **(cfg or {})), _StageMetrics(name))
                        for name, cfg in stages]
         self.finish = finish
-        if torch_threads and "torch" in sys.modules:  # the numpy-only stages skip torch's import
-            sys.modules["torch"].set_num_threads(torch_threads)
+        self.torch_threads = torch_threads
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # per call: in the local executor several runners with their own counts share one process
+        if self.torch_threads and "torch" in sys.modules:  # the numpy-only stages skip torch's import
+            torch = sys.modules["torch"]
+            if torch.get_num_threads() != self.torch_threads:
+                torch.set_num_threads(self.torch_threads)
         n = len(batch["key"])
         for name, stage, metrics in self.stages:
             before = np.asarray(batch["reject"]).copy()

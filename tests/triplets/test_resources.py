@@ -42,16 +42,41 @@ def test_defaults_fit_every_machine_and_give_inpainting_the_rest(cpus, optional)
     assert all(p.torch_threads == 1 for p in plans.values())
 
 
-def test_a_short_job_starts_no_idle_inpainting_actors():
-    assert plan_pools(pools(), {}, 16, batches=3)["inpaint"].min_actors == 3
-    assert plan_pools(pools(), {}, 16, batches=100)["inpaint"].min_actors == 13
+def test_a_short_job_starts_no_idle_inpainting_actors_and_keeps_one_thread():
+    short, long = plan_pools(pools(), {}, 16, batches=3)["inpaint"], plan_pools(pools(), {}, 16, batches=100)["inpaint"]
+    assert (short.min_actors, long.min_actors) == (3, 13)
+    assert short.num_cpus > long.num_cpus
+    # threads never follow the default share: the bytes a job writes do not depend on its size
+    assert short.torch_threads == long.torch_threads == 1
+
+
+def test_only_max_actors_leaves_room_for_the_pool_at_its_largest():
+    plan = plan_pools(pools(), {"inpaint": StageOptions(max_actors=8)}, 16)["inpaint"]
+    assert (plan.min_actors, plan.max_actors, plan.torch_threads) == (1, 8, 1)
+    assert 8 * plan.num_cpus <= 16 - 2 * TASK_CPUS - 0.2
+
+
+def test_cpu_pools_share_the_cpus_when_inpainting_is_on_a_gpu():
+    plans = plan_pools(pools(), {"inpaint": StageOptions(num_gpus=1)}, 16, total_gpus=1)
+    assert plans["inpaint"] == PoolPlan(0.5, 1.0, 1, 1)
+    assert plans["saliency"].min_actors == plans["depth"].min_actors == 7
+    check_fits(plans, 16, 1)
+    assert all(p.torch_threads == 1 for p in plans.values())
+
+
+def test_a_joined_cluster_that_may_autoscale_gets_open_pools():
+    plans = plan_pools(pools(), {"depth": StageOptions(num_gpus=0.5), "saliency": StageOptions(max_actors=2)},
+                       total_cpus=0, total_gpus=0, elastic=True)  # a head node without CPUs, no workers yet
+    assert plans["inpaint"] == PoolPlan(1.0, 0.0, 1, None)
+    assert plans["depth"] == PoolPlan(0.5, 0.5, 1, None)
+    assert (plans["saliency"].min_actors, plans["saliency"].max_actors) == (1, 2)
+    assert plans["saliency"].num_cpus > 0  # never placed on a CPU-less head
 
 
 def test_explicit_options_win():
     opts = {"inpaint": StageOptions(num_cpus=2.0, min_actors=1, max_actors=3), "depth": StageOptions(num_cpus=0.5)}
     plans = plan_pools(pools(), opts, 8)
-    assert plans["inpaint"] == PoolPlan(2.0, 0.0, 1, 3)
-    assert plans["inpaint"].torch_threads == 2
+    assert plans["inpaint"] == PoolPlan(2.0, 0.0, 1, 3, torch_threads=2)
     assert plans["depth"] == PoolPlan(0.5, 0.0, 1, 1)
 
 
