@@ -288,7 +288,8 @@ def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict
 
     quiet_ray_data()
     groups = pools.pool_groups(cfg.stage_names(), _model_free())
-    batches = sum(-(-len(todo[i]) // cfg.options("inpaint").batch_size) for i in expected)
+    # Ray Data bundles rows across shards into batches: this many reach the inpainting pool
+    batches = -(-sum(len(t) for t in todo.values()) // cfg.options("inpaint").batch_size)
     plans = _plan_ray_pools(cfg, batches=max(1, batches))
     assemble = ray.remote(num_cpus=pools.TASK_CPUS, max_retries=5)(staging.assemble_shard)
     futures = {i: assemble.remote(cfg.out_url, i, expected[i]) for i in expected if not todo[i]}
