@@ -10,10 +10,6 @@ Every condition is optional: without any, the pipeline is plain Stable Diffusion
 
 from __future__ import annotations
 
-import inspect
-import json
-import os
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -32,10 +28,9 @@ from cnc_model.conditioning import CnCConditions, ImageLike, cnc_noise_predictio
 from cnc_model.denoise_plan import cfg_plan, glod_plan, load_glod_spec
 from cnc_model.global_fuser import GlobalFuser
 from cnc_model.local_fuser import LocalFuser
+from cnc_model.pipeline_common import SharedPipelineMixin
 from cnc_model.soft_guidance import SoftGuidance, install_soft_guidance
 
-PIPELINE_MODULE_FILE = "pipeline_cnc.py"
-_SHIM = '"""Lets `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` find CnCPipeline."""\nfrom cnc_model.pipeline_cnc import CnCPipeline  # noqa: F401\n'
 
 
 def _align_storage(module: torch.nn.Module, alignment: int = 64) -> None:
@@ -50,7 +45,7 @@ def _align_storage(module: torch.nn.Module, alignment: int = 64) -> None:
                 tensor.data = tensor.data.clone()
 
 
-class CnCPipeline(DiffusionPipeline, StableDiffusionMixin):
+class CnCPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
     """Compose and Conquer text-to-image generation with depth and exemplar conditions.
 
     Components: the SD parts (``vae``, ``text_encoder``, ``tokenizer``, ``unet``, ``scheduler``),
@@ -132,29 +127,6 @@ class CnCPipeline(DiffusionPipeline, StableDiffusionMixin):
         return cls(**parts, local_fuser=local, global_fuser=global_, image_encoder=image_encoder,
                    feature_extractor=feature_extractor, **extra)
 
-    # ----------------------------------------------------------------------------- save / load
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs: Any) -> None:
-        """diffusers layout with safetensors weights, plus a one-line module that lets
-        ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` resolve this class."""
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
-        index_path = Path(save_directory) / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index["_class_name"] = [Path(PIPELINE_MODULE_FILE).stem, type(self).__name__]
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (Path(save_directory) / PIPELINE_MODULE_FILE).write_text(_SHIM)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "CnCPipeline":
-        """Load a saved CnC pipeline. The folder's ``pipeline_cnc.py`` must be the one
-        :meth:`save_pretrained` writes (it only re-imports this class); anything else is refused
-        unless ``trust_remote_code=True`` is passed explicitly."""
-        module_file = Path(pretrained_model_name_or_path) / PIPELINE_MODULE_FILE
-        if "trust_remote_code" not in kwargs and module_file.is_file():
-            if module_file.read_text() != _SHIM:
-                raise ValueError(f"{module_file} is not the module CnCPipeline writes; inspect it and pass trust_remote_code=True")
-            kwargs["trust_remote_code"] = True
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
     # ----------------------------------------------------------------------------- encoders
     def encode_prompt(
         self,
@@ -168,7 +140,7 @@ class CnCPipeline(DiffusionPipeline, StableDiffusionMixin):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text embeddings, as StableDiffusionPipeline computes them (no LoRA / clip-skip)."""
         if prompt_embeds is None:
-            prompt_embeds = self._encode_text(prompt, device, self.tokenizer.model_max_length)
+            prompt_embeds = self.encode_text(prompt, device, self.tokenizer.model_max_length)
         prompt_embeds = prompt_embeds.to(dtype=self.text_encoder.dtype, device=device)
         batch = prompt_embeds.shape[0]
         prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
@@ -181,19 +153,11 @@ class CnCPipeline(DiffusionPipeline, StableDiffusionMixin):
                 negative = list(negative_prompt)
             if len(negative) != batch:
                 raise ValueError(f"{len(negative)} negative prompts for {batch} prompts")
-            negative_prompt_embeds = self._encode_text(negative, device, prompt_embeds.shape[1])
+            negative_prompt_embeds = self.encode_text(negative, device, prompt_embeds.shape[1])
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(dtype=self.text_encoder.dtype, device=device)
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         return prompt_embeds, negative_prompt_embeds
-
-    def _encode_text(self, text: str | list[str], device: torch.device, max_length: int) -> torch.Tensor:
-        text = [text] if isinstance(text, str) else list(text)
-        inputs = self.tokenizer(text, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-        attention_mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            attention_mask = inputs.attention_mask.to(device)
-        return self.text_encoder(inputs.input_ids.to(device), attention_mask=attention_mask)[0]
 
     @torch.no_grad()
     def encode_exemplar(self, images: ImageLike | list[ImageLike], device: torch.device) -> torch.Tensor:
@@ -285,15 +249,6 @@ class CnCPipeline(DiffusionPipeline, StableDiffusionMixin):
             self.unet, self.local_fuser, latent_model_input, t, prompt_embeds, conditions, soft_guidance
         )
 
-    def prepare_extra_step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
-        params = set(inspect.signature(self.scheduler.step).parameters)
-        kwargs: dict[str, Any] = {}
-        if "eta" in params:
-            kwargs["eta"] = eta
-        if "generator" in params:
-            kwargs["generator"] = generator
-        return kwargs
-
     @torch.no_grad()
     def __call__(
         self,
@@ -361,7 +316,7 @@ class CnCPipeline(DiffusionPipeline, StableDiffusionMixin):
             raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         if glod is not None:
-            encode = lambda text: self._encode_text(text, device, self.tokenizer.model_max_length)  # noqa: E731
+            encode = lambda text: self.encode_text(text, device, self.tokenizer.model_max_length)  # noqa: E731
             plan = glod_plan(spec, encode, latent_size, num_images_per_prompt)
         elif prompt is None and prompt_embeds is None:
             raise ValueError("give `prompt`, `prompt_embeds` or `glod`")

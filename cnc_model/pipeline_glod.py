@@ -11,12 +11,9 @@ classifier-free guidance, identical to ``StableDiffusionPipeline``.
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -36,9 +33,8 @@ from cnc_model.glod.composition import stack_prompt_embeds
 from cnc_model.glod.layout_guidance import AttentionStore, attention_store, layout_guidance_step, object_maps
 from cnc_model.glod.prepare import composition_from_spec, layout_objects, spec_texts
 from cnc_model.glod.spec import GLoDSpec, load_spec, parse_spec
+from cnc_model.pipeline_common import SharedPipelineMixin
 
-PIPELINE_MODULE_FILE = "pipeline_glod.py"
-_SHIM = '"""Lets `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` find GLoDPipeline."""\nfrom cnc_model.pipeline_glod import GLoDPipeline  # noqa: F401\n'
 
 
 @dataclass
@@ -57,7 +53,7 @@ class GLoDPipelineOutput(BaseOutput):
     layout_losses: list[float] | None = None
 
 
-class GLoDPipeline(DiffusionPipeline, StableDiffusionMixin):
+class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
     """Global-Local Diffusion on Stable Diffusion parts (training-free)."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -75,27 +71,11 @@ class GLoDPipeline(DiffusionPipeline, StableDiffusionMixin):
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    # ----------------------------------------------------------------------------- save / load
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True, **kwargs: Any) -> None:
-        """diffusers layout with safetensors weights, plus a one-line module that lets
-        ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` resolve this class."""
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
-        index_path = Path(save_directory) / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index["_class_name"] = [Path(PIPELINE_MODULE_FILE).stem, type(self).__name__]
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (Path(save_directory) / PIPELINE_MODULE_FILE).write_text(_SHIM)
-
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "GLoDPipeline":
         """Load a saved GLoD pipeline, or the SD parts of any Stable Diffusion 1.x folder / hub id
         (its safety checker and feature extractor are not loaded). A folder's ``pipeline_glod.py``
         must be the one :meth:`save_pretrained` writes unless ``trust_remote_code=True`` is passed."""
-        module_file = Path(pretrained_model_name_or_path) / PIPELINE_MODULE_FILE
-        if "trust_remote_code" not in kwargs and module_file.is_file():
-            if module_file.read_text() != _SHIM:
-                raise ValueError(f"{module_file} is not the module GLoDPipeline writes; inspect it and pass trust_remote_code=True")
-            kwargs["trust_remote_code"] = True
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
@@ -103,26 +83,6 @@ class GLoDPipeline(DiffusionPipeline, StableDiffusionMixin):
                 for param in list(module.parameters()) + list(module.buffers()):
                     param.data = param.data.clone()
         return pipe
-
-    # ----------------------------------------------------------------------------- text
-    def encode_text(self, text: str | list[str], device: torch.device, max_length: int | None = None) -> torch.Tensor:
-        """CLIP text embeddings ``(B, T, D)``, as StableDiffusionPipeline computes them."""
-        text = [text] if isinstance(text, str) else list(text)
-        inputs = self.tokenizer(text, padding="max_length", max_length=max_length or self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        attention_mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            attention_mask = inputs.attention_mask.to(device)
-        return self.text_encoder(inputs.input_ids.to(device), attention_mask=attention_mask)[0]
-
-    def prepare_extra_step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
-        params = set(inspect.signature(self.scheduler.step).parameters)
-        kwargs: dict[str, Any] = {}
-        if "eta" in params:
-            kwargs["eta"] = eta
-        if "generator" in params:
-            kwargs["generator"] = generator
-        return kwargs
 
     # ----------------------------------------------------------------------------- generation
     @torch.no_grad()
