@@ -6,9 +6,12 @@ then the per-step cost of layout guidance (an extra forward + backward on the gl
 the peak memory of a K = 4 step, each mode measured in a fresh process.
 
     .venv/bin/python benchmarks/bench_glod.py                 # CPU, 1 thread, ~1-2 min
+    .venv/bin/python benchmarks/bench_glod.py --unet tiny      # the tiny preset's UNet (what the CPU CLI runs)
     .venv/bin/python benchmarks/bench_glod.py --device cuda --threads 8
 
-The UNet is SD-shaped but small: block_out_channels (64, 128, 256), 32x32 latents, text width 768.
+The default UNet is SD-shaped but small: block_out_channels (64, 128, 256), 32x32 latents, text
+width 768 (arithmetic-bound on a CPU). ``--unet tiny`` is the tiny preset's UNet at its own 8x8
+latents, text width 32 (per-call overhead-bound, like any small latent).
 """
 
 from __future__ import annotations
@@ -19,22 +22,32 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from cnc_model.glod.composition import compose_noise, stack_prompt_embeds
-from cnc_model.glod.layout_guidance import AttentionStore, LayoutObject, attention_store, layout_guidance_step
+from cnc_model.glod.layout_guidance import (
+    AttentionStore,
+    LayoutObject,
+    attention_store,
+    layout_guidance_step,
+)
 from cnc_model.glod.regions import box_mask
 
 LATENT = 32  # set by --latent
 TEXT_WIDTH = 768
+UNET = "sd-shaped"  # set by --unet
 
 
 def build_unet(seed: int = 0):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
+    if UNET == "tiny":
+        from cnc_model.tiny import tiny_unet_config
+
+        return UNet2DConditionModel(**tiny_unet_config()).eval()
     return UNet2DConditionModel(
         sample_size=LATENT, in_channels=4, out_channels=4, block_out_channels=(64, 128, 256), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -123,16 +136,25 @@ def memory_child(mode: str, k: int, device: str, threads: int) -> None:
 
 
 def main() -> None:
-    global LATENT
+    global LATENT, TEXT_WIDTH, UNET
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--locals", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--latent", type=int, default=LATENT, help="latent side (32 = 256 px images)")
+    parser.add_argument("--unet", choices=["sd-shaped", "tiny"], default=UNET,
+                        help="sd-shaped: (64, 128, 256) channels, text width 768; tiny: the tiny preset's UNet")
+    parser.add_argument("--latent", type=int, default=None, help="latent side (default 32 = 256 px images; tiny: 8)")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODE", "K"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    LATENT = args.latent
+    UNET = args.unet
+    if UNET == "tiny":
+        from cnc_model.tiny import CROSS_ATTENTION_DIM, TINY_RESOLUTION
+
+        TEXT_WIDTH = CROSS_ATTENTION_DIM
+        LATENT = args.latent or TINY_RESOLUTION // 8
+    else:
+        LATENT = args.latent or LATENT
     if args.memory_child:
         memory_child(args.memory_child[0], int(args.memory_child[1]), args.device, args.threads)
         return
@@ -140,7 +162,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     unet = build_unet().to(args.device)
     t = torch.tensor(500, device=args.device)
-    print(f"GLoD step: UNet (64, 128, 256), {LATENT}x{LATENT} latents, device={args.device}, "
+    shape = "tiny preset (32, 64)" if UNET == "tiny" else "(64, 128, 256)"
+    print(f"GLoD step: UNet {shape}, {LATENT}x{LATENT} latents, device={args.device}, "
           f"threads={torch.get_num_threads()}, median of {args.repeats}")
     print("(wall = elapsed seconds; cpu = this process's CPU seconds, robust to other processes' load)")
     print(f"{'K':>3} {'prompts':>8} {'batched wall/cpu s':>19} {'per-prompt wall/cpu s':>22} {'speed-up wall/cpu':>18}")
@@ -150,8 +173,9 @@ def main() -> None:
             a = step_batched(unet, x, embeds, masks, t)
             b = step_per_prompt(unet, x, embeds, masks, t)
             assert torch.allclose(a, b, atol=1e-3), "batched and per-prompt eps_hat differ"
-            res = timed({"batched": lambda: step_batched(unet, x, embeds, masks, t),
-                         "per_prompt": lambda: step_per_prompt(unet, x, embeds, masks, t)}, args.repeats, args.device)
+            run = (unet, x, embeds, masks, t)
+            res = timed({"batched": lambda run=run: step_batched(*run),
+                         "per_prompt": lambda run=run: step_per_prompt(*run)}, args.repeats, args.device)
             (bw, bc), (pw, pc) = res["batched"], res["per_prompt"]
             print(f"{k:>3} {2 + k:>8} {bw:>10.4f}/{bc:<8.4f} {pw:>12.4f}/{pc:<9.4f} {pw / bw:>10.2f}x/{pc / bc:.2f}x")
 
@@ -186,7 +210,8 @@ def main() -> None:
     peaks = {}
     for mode in ("batched", "per-prompt"):
         out = subprocess.run([sys.executable, __file__, "--device", args.device, "--threads", str(args.threads),
-                              "--latent", str(LATENT), "--memory-child", mode, "4"], capture_output=True, text=True, check=True)
+                              "--unet", UNET, "--latent", str(LATENT), "--memory-child", mode, "4"],
+                             capture_output=True, text=True, check=True)
         peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
     what = "CUDA allocated" if args.device == "cuda" else "RSS increase"
     print(f"peak memory of one K=4 step ({what}): batched {peaks['batched']:.0f} MiB, "

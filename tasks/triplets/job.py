@@ -180,7 +180,7 @@ def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: b
     cfg = TripletsConfig(ingest_url.rstrip("/"), out_url.rstrip("/"), preset, clip, latents, dict(stages or {}))
     ingest_manifest = _validate(cfg, executor)
     if executor == "ray":
-        _plan_ray_pools(cfg)  # a request that cannot fit fails here, before the output is claimed
+        _plan_ray_pools(cfg, warn=True)  # a request that cannot fit fails here, before the output is claimed
     _claim_output(cfg, resume)
     num_shards = len(ingest_manifest["shards"])
     shards_url = storage.join(cfg.out_url, "shards")
@@ -245,9 +245,10 @@ def _claim_output(cfg: TripletsConfig, resume: bool) -> None:
     storage.write_json(config_url, wanted)
 
 
-def _plan_ray_pools(cfg: TripletsConfig, batches: int | None = None) -> dict[str, pools.PoolPlan]:
+def _plan_ray_pools(cfg: TripletsConfig, batches: int | None = None, warn: bool = False) -> dict[str, pools.PoolPlan]:
     """Starts or joins Ray and sizes the actor pools (one per entry of ``pool_groups``, named by
-    its last stage) on the cluster's resources."""
+    its last stage) on the cluster's resources. A plan that does not fit is an error on a local
+    Ray; on a joined cluster (which may grow) it is logged once, when ``warn``."""
     from tasks.ray_runtime import init_ray, joined_cluster
 
     resources = init_ray()
@@ -260,7 +261,8 @@ def _plan_ray_pools(cfg: TripletsConfig, batches: int | None = None) -> dict[str
     except pools.ResourceError as exc:
         if not elastic:  # a local Ray's resources are fixed: Ray Data would wait forever
             raise
-        log.warning("%s; the job waits until the cluster has grown to fit", exc)
+        if warn:
+            log.warning("%s; the job waits until the cluster has grown to fit", exc)
     return plans
 
 

@@ -16,6 +16,12 @@ import ray
 from PIL import Image
 
 
+EXPECTED = [f"ray_cnc_triplets_{name},stage=mask_filter" for name in (
+    "samples_total", "batch_seconds_count", "in_flight_batches", "samples_per_second")] + [
+    "ray_cnc_triplets_rejects_total,stage=mask_filter,reason=blank_image",
+    "ray_cnc_triplets_rejects_total,stage=mask_filter,reason=no_salient_object"]
+
+
 def encode(array: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format=fmt)
@@ -52,15 +58,18 @@ def main() -> None:
     rejects = [str(r) for r in ray.get(runner.__call__.remote(batch))["reject"]]
     node = ray.nodes()[0]
     url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    # Each metric is exported on its own schedule: wait until every one the test reads is there.
     metrics: dict[str, float] = {}
-    deadline = time.time() + 60
-    while time.time() < deadline and "ray_cnc_triplets_batch_seconds_count,stage=mask_filter" not in metrics:
+    error = ""
+    start = time.time()
+    while time.time() < start + 150 and not all(k in metrics for k in EXPECTED):
         time.sleep(0.5)
         try:
             metrics = scrape(url)
-        except OSError:
-            continue
-    print("RESULT " + json.dumps({"rejects": rejects, "metrics": metrics}), flush=True)
+        except OSError as exc:
+            error = repr(exc)
+    print("RESULT " + json.dumps({"rejects": rejects, "metrics": metrics, "url": url, "last_error": error,
+                                  "waited_s": round(time.time() - start, 1)}), flush=True)
     ray.shutdown()
 
 

@@ -11,6 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 JOB = Path(__file__).with_name("stage_metrics_job.py")
+EXPECTED = [f"ray_cnc_triplets_{name},stage=mask_filter" for name in (
+    "samples_total", "batch_seconds_count", "in_flight_batches", "samples_per_second")]
 
 
 def test_stage_counters_and_gauges_are_scraped_from_prometheus():
@@ -22,6 +24,8 @@ def test_stage_counters_and_gauges_are_scraped_from_prometheus():
     report = json.loads(lines[-1][len("RESULT "):])
     assert report["rejects"] == ["", "", "no_salient_object", "blank_image"]
     m = report["metrics"]
+    # On a miss, show what the endpoint gave (and how long the job waited) rather than a bare KeyError.
+    assert all(k in m for k in EXPECTED), report
     assert m["ray_cnc_triplets_samples_total,stage=mask_filter"] == 4
     assert m["ray_cnc_triplets_rejects_total,stage=mask_filter,reason=no_salient_object"] == 1
     assert m["ray_cnc_triplets_rejects_total,stage=mask_filter,reason=blank_image"] == 1

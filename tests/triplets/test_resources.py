@@ -95,3 +95,22 @@ def test_requests_that_can_never_fit_are_an_error():
         check_fits(plan_pools(pools(), {"inpaint": StageOptions(num_gpus=1, min_actors=2)}, 8, 1), 8, 1)
     with pytest.raises(ResourceError, match="min_actors 3 > max_actors 2"):
         plan_pools(pools(), {"depth": StageOptions(min_actors=3, max_actors=2)}, 8)
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_a_plan_that_does_not_fit_fails_locally_and_warns_once_on_a_joined_cluster(monkeypatch, caplog, joined):
+    from tasks import ray_runtime
+    from tasks.triplets.job import TripletsConfig, _plan_ray_pools
+
+    monkeypatch.setattr(ray_runtime, "init_ray", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray_runtime, "joined_cluster", lambda: joined)
+    cfg = TripletsConfig("memory://in", "memory://out", stages={"inpaint": StageOptions(num_cpus=1.0, min_actors=4)})
+    if not joined:  # a local Ray never grows: the job would wait forever
+        with pytest.raises(ResourceError, match="need 4.7 CPUs"):
+            _plan_ray_pools(cfg, warn=True)
+        return
+    with caplog.at_level("WARNING"):
+        before_claim = _plan_ray_pools(cfg, warn=True)
+        with_batches = _plan_ray_pools(cfg, batches=8)  # the job's second, sized plan
+    assert before_claim["inpaint"].min_actors == with_batches["inpaint"].min_actors == 4
+    assert [r.getMessage().count("grown to fit") for r in caplog.records] == [1]
