@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
+from diffusers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -59,13 +62,13 @@ def glod_plan(
     spec: Any, encode: Callable[[str], torch.Tensor], latent_size: tuple[int, int], num_images: int
 ) -> DenoisePlan:
     """GLoD's global and local prompt layers (noise composition; layout guidance is not part of
-    CnC's loop). ``encode(text)`` returns ``(1, T, D)`` embeddings."""
+    CnC's loop and is skipped with a warning). ``encode(text)`` returns ``(1, T, D)`` embeddings."""
     from cnc_model.glod.composition import stack_prompt_embeds
     from cnc_model.glod.prepare import composition_from_spec
 
     if spec.layout_guidance.enabled:
-        raise ValueError("CnCPipeline composes GLoD prompts without layout guidance; set layout_guidance.strength to 0 "
-                         "or use GLoDPipeline")  # fmt: skip
+        logger.warning("CnCPipeline composes GLoD prompts without layout guidance: the spec's layout_guidance "
+                       "(strength %s) is not applied; GLoDPipeline applies it", spec.layout_guidance.strength)
     composition = composition_from_spec(spec, latent_size)
     embeds = stack_prompt_embeds(
         encode(spec.negative_prompt),

@@ -303,14 +303,18 @@ class CnCPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
                 is whatever ``scheduler`` is; any diffusers scheduler can be swapped in).
             glod: instead of ``prompt``: a GLoD spec (``GLoDSpec``, dict or YAML/JSON path) whose
                 global and local prompts are composed at every step (:mod:`cnc_model.glod`);
-                its weights replace ``guidance_scale``; the CnC conditions apply to every prompt.
+                its weights replace ``guidance_scale``; the CnC conditions apply to every prompt;
+                its layout guidance is not used (a warning says so). Its boxes scale to the
+                output size; its ``width``/``height``, where the file sets them, are the output
+                size only when no depth map and no ``height``/``width`` are given.
         """
         device = self._execution_device
         if glod is not None:
             if any(x is not None for x in (prompt, prompt_embeds, negative_prompt, negative_prompt_embeds)):
                 raise ValueError("give either `prompt` (and `negative_prompt`) or `glod`, not both")
             spec = load_glod_spec(glod)
-            height, width = height or spec.height, width or spec.width
+            if fg_depth is None and bg_depth is None:  # depth maps, when given, set the size
+                height, width = spec.output_size(height, width)
         height, width = self._default_size(height, width, fg_depth, bg_depth)
         if height % 8 or width % 8:
             raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")

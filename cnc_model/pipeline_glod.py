@@ -91,7 +91,7 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
         spec: GLoDSpec | Mapping[str, Any] | str | os.PathLike | None = None,
         *,
         prompt: str | None = None,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -109,25 +109,38 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
 
         Args:
             spec: a :class:`GLoDSpec`, its dict form, or the path of a YAML/JSON spec file. Without
-                one, ``prompt`` + ``guidance_scale`` (+ ``negative_prompt``) make a one-global spec.
-            height, width: output size; default: the spec's size when a spec is given, else the
-                UNet's default. Boxes scale with the output size.
+                one, ``prompt`` + ``guidance_scale`` (default 7.5) (+ ``negative_prompt``) make a
+                one-global spec; as in diffusers, ``guidance_scale <= 1`` then runs the text row
+                alone (no unconditional row). A spec's global weights are its guidance scales, so
+                ``guidance_scale`` cannot be given with one.
+            height, width: output size; default: the spec's ``width``/``height`` where the spec
+                sets them, else the UNet's default. Boxes scale with the output size.
             num_images_per_prompt: N images generated together (N rows per prompt block).
             return_debug: also return the regions, the object tokens' attention maps and the
                 layout losses (records attention maps during every step; costs time).
         """
         device = self._execution_device
         default_size = self.unet.config.sample_size * self.vae_scale_factor
+        plain_cfg = True  # the unconditional row is in the batch
         if spec is None:
             if prompt is None:
                 raise ValueError("give a `spec` or a `prompt`")
+            if not isinstance(prompt, str):
+                raise TypeError(f"GLoDPipeline takes one `prompt` string (use num_images_per_prompt for several "
+                                f"images), got {type(prompt).__name__}")
+            guidance_scale = 7.5 if guidance_scale is None else guidance_scale
+            plain_cfg = guidance_scale > 1.0
             spec = GLoDSpec.single(prompt, guidance_scale, negative_prompt or "", default_size, default_size)
             height, width = height or default_size, width or default_size
         else:
             if prompt is not None:
                 raise ValueError("give either a `spec` or a `prompt`, not both")
+            if guidance_scale is not None:
+                raise ValueError("a spec's global weights are its guidance scales: set them in the spec, "
+                                 "not with `guidance_scale`")
             spec = load_spec(spec) if isinstance(spec, (str, os.PathLike)) else parse_spec(spec)
-            height, width = height or spec.height, width or spec.width
+            height, width = spec.output_size(height, width)
+            height, width = height or default_size, width or default_size
             if negative_prompt is not None:
                 spec = spec.model_copy(update={"negative_prompt": negative_prompt})
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
@@ -142,10 +155,13 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
         prompt_embeds, uncond = prompt_embeds.to(dtype), uncond.to(dtype)
         embeds = stack_prompt_embeds(uncond, list(prompt_embeds[:num_globals, None]),
                                      list(prompt_embeds[num_globals:, None]), n)
+        if not plain_cfg:
+            embeds = embeds[n:]  # diffusers' guidance_scale <= 1: the text row alone
         composition = composition_from_spec(spec, latent_size)
         composition.local_masks = composition.local_masks.to(device, dtype)
 
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        num_steps = len(timesteps)  # may differ from the request (PNDM's PLMS warm-up adds one)
         shape = (n, self.unet.config.in_channels, *latent_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -165,7 +181,7 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
             store = None
             if guide or (return_debug and objects):
                 store = stack.enter_context(attention_store(self.unet, AttentionStore(), layout.layers))
-            with self.progress_bar(total=num_inference_steps) as progress_bar:
+            with self.progress_bar(total=num_steps) as progress_bar:
                 for i, t in enumerate(timesteps):
                     if guide and i < layout.steps:
                         store.rows, store.detach = None, False
@@ -177,19 +193,21 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
                     if store is not None and not return_debug and not (guide and i + 1 < layout.steps):
                         stack.close()  # guidance done: put the original processors back
                         store = None
-                    active = composition.locals_active(i, num_inference_steps)
-                    blocks = composition.num_blocks(active)
+                    active = composition.locals_active(i, num_steps)
+                    blocks = composition.num_blocks(active) if plain_cfg else 1
                     latent_model_input = self.scheduler.scale_model_input(torch.cat([latents] * blocks), t)
-                    if store is not None:
+                    record = store is not None and return_debug  # else a pass-through on this call
+                    if record:
                         store.rows, store.detach = global_rows, True
                         store.reset()
                         store.recording = True
                     noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=embeds[: blocks * n],
                                            return_dict=False)[0]
-                    if store is not None:
+                    if record:
                         store.recording = False
                         self._accumulate_maps(debug_maps, store, objects, latent_size)
-                    noise_pred = composition(noise_pred, i, num_inference_steps)
+                    if plain_cfg:
+                        noise_pred = composition(noise_pred, i, num_steps)
                     latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                     if callback_on_step_end is not None:
                         callback_on_step_end(i, t, latents)

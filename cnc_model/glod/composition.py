@@ -16,6 +16,7 @@ with ``M_l`` the l-th local region at latent resolution (values in [0, 1]).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -116,7 +117,9 @@ class GLoDComposition:
         if not self.local_weights:
             return False
         start, end = self.local_step_range
-        return start * num_steps <= step_index < end * num_steps
+        # first step at or after each bound, with a tolerance for fractions like 0.14 * 50 = 7.000000000000001
+        first, stop = (math.ceil(f * num_steps - 1e-9) for f in (start, end))
+        return first <= step_index < stop
 
     def num_blocks(self, locals_active: bool) -> int:
         """Prompt blocks (of N rows) in the UNet batch: 1 + G (+ L when locals are active)."""

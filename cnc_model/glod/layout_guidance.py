@@ -8,8 +8,9 @@ Following training-free layout control (Chen et al. 2023), for object ``o`` with
 averaged over the chosen layers and the objects; the latent is nudged by
 ``x_t ← x_t − strength · σ_t² · ∇_{x_t} E`` with ``σ_t² = (1 − ᾱ_t) / ᾱ_t`` (the reference
 implementation's update with its ``loss_scale`` as ``strength``; 30 there). The maps come from :class:`AttentionStore`,
-whose processor records only while a store is recording and otherwise calls the processor it
-replaced, and which is only installed when guidance (or debugging) is on: off costs nothing.
+whose processor computes them only while the store is recording and always takes the layer's
+output from the processor it replaced; it is only installed when guidance (or debugging) is on:
+off costs nothing.
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ class AttentionStore:
 
 
 class StoreCrossAttnProcessor:
-    """Cross-attention with explicit probabilities that an :class:`AttentionStore` records;
-    a plain pass-through to the replaced processor while the store is not recording."""
+    """Watches a cross-attention layer for an :class:`AttentionStore`: while the store records, it
+    also computes the layer's attention probabilities and hands them to the store; the layer's
+    output always comes from the processor it replaced, so recording (for guidance or debug
+    pictures) never changes an image, bit for bit."""
 
     def __init__(self, store: AttentionStore, fallback: Any) -> None:
         self.store = store
@@ -74,33 +77,35 @@ class StoreCrossAttnProcessor:
         temb: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        if not self.store.recording or encoder_hidden_states is None:
-            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        residual = hidden_states
+        if self.store.recording and encoder_hidden_states is not None:
+            probs = self.attention_probs(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            self.store.record(probs, encoder_hidden_states.shape[0])
+        return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+    @staticmethod
+    def attention_probs(
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``softmax(QK^T / sqrt(d))`` of the layer, ``(batch * heads, queries, tokens)``, with the
+        same input normalisations as diffusers' attention processors (and differentiable)."""
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
+        if hidden_states.ndim == 4:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
         batch, key_len, _ = encoder_hidden_states.shape
         attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probs = attn.get_attention_scores(attn.head_to_batch_dim(query), key, attention_mask)
-        self.store.record(probs, batch)
-        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return attn.get_attention_scores(query, key, attention_mask)
 
 
 def cross_attention_layers(unet: torch.nn.Module, parts: Sequence[str] = ("mid", "up")) -> list[str]:

@@ -24,7 +24,9 @@ def box_mask(
 
     Each latent cell holds the fraction of its area inside the box (so boxes that do not fall on
     the latent grid get partial edge cells); ``feather`` (in latent cells) multiplies it by an
-    inward ramp ``min(1, d / feather)``, ``d`` the distance of the cell centre to the box border.
+    inward ramp ``min(1, (d + 1/2) / feather)``, ``d`` the distance of the cell centre to the
+    nearest box side that is not on the image border: on the latent grid and for a whole
+    ``feather``, the same values as the mask of the same rectangle (:func:`mask_to_latent`).
     """
     h, w = latent_size
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -34,11 +36,15 @@ def box_mask(
     cover_y = (torch.minimum(ys + 1, torch.tensor(y1 * h)) - torch.maximum(ys, torch.tensor(y0 * h))).clamp(0, 1)
     mask = cover_y[:, None] * cover_x[None, :]
     if feather > 0:
+        # a side on the image border is not an edge between the region and the rest: no ramp there
+        # (as a mask touching the border, whose erosion does not eat in from outside the image)
+        inf = float("inf")
         cx, cy = xs + 0.5, ys + 0.5
-        dx = torch.minimum(cx - x0 * w, x1 * w - cx)
-        dy = torch.minimum(cy - y0 * h, y1 * h - cy)
-        dist = torch.minimum(dy[:, None], dx[None, :]).clamp_min(0)
-        mask = mask * (dist / feather).clamp(max=1.0)
+        dx = torch.minimum(cx - x0 * w if x0 > 0 else cx + inf, x1 * w - cx if x1 < 1 else cx + inf)
+        dy = torch.minimum(cy - y0 * h if y0 > 0 else cy + inf, y1 * h - cy if y1 < 1 else cy + inf)
+        # cells counted from the edge (the edge cell is 1), as mask_to_latent's erosion counts them
+        depth = torch.minimum(dy[:, None], dx[None, :]).clamp_min(0) + 0.5
+        mask = mask * (depth / feather).clamp(max=1.0)
     return mask.float()
 
 

@@ -14,11 +14,13 @@ A spec is a YAML or JSON file (or a dict) that the CLI, the pipeline and the swe
         box: [32, 64, 240, 480]     # x0, y0, x1, y1 in pixels (or `mask: man.png`)
         weight: 5.0
     local_steps: [0.0, 0.8]         # fraction of the schedule in which local guidance applies
-    feather: 16                     # pixels of inward soft edge of every region
+    feather: 16                     # pixels of inward soft edge of every region (none along the image border)
     layout_guidance: {strength: 0.0, steps: 10, iterations: 1}
 
 Boxes are in the spec's pixel frame; a pipeline rendering at another size scales them.
-:func:`load_spec` turns every problem into one :class:`SpecError` listing each bad field.
+:func:`load_spec` turns every problem into one :class:`SpecError` listing each bad field; the
+checks that relate fields (box inside the image, object word in its global prompt, the step range)
+run once every field is valid on its own, so a second round can name more.
 """
 
 from __future__ import annotations
@@ -148,8 +150,17 @@ class GLoDSpec(_Strict):
                 errors.append(f"{where}.object: {local.object!r} is not a word of any global prompt "
                               f"({', '.join(repr(g.text) for g in self.global_prompts)})")
         if errors:
-            raise ValueError("; ".join(errors))
+            raise ValueError("\n".join(errors))
         return self
+
+    def output_size(self, height: int | None, width: int | None) -> tuple[int | None, int | None]:
+        """``height``/``width`` filled in from the spec's size where the spec sets it; where it
+        does not (the 512 default), they stay None for the pipeline's own default."""
+        if "height" in self.model_fields_set:
+            height = height or self.height
+        if "width" in self.model_fields_set:
+            width = width or self.width
+        return height, width
 
     def global_index_of(self, local: LocalPrompt) -> int:
         """Index of the global prompt holding ``local.object``."""
@@ -160,9 +171,10 @@ class GLoDSpec(_Strict):
     @classmethod
     def single(cls, prompt: str, guidance_scale: float = 7.5, negative_prompt: str = "",
                width: int = 512, height: int = 512) -> "GLoDSpec":
-        """A spec with one global prompt: GLoD reduces to plain classifier-free guidance."""
-        return cls(global_prompts=[GlobalPrompt(text=prompt, weight=guidance_scale)],
-                   negative_prompt=negative_prompt, width=width, height=height)
+        """A spec with one global prompt: GLoD reduces to plain classifier-free guidance.
+        Raises SpecError (e.g. an empty prompt) like a spec file would."""
+        return parse_spec({"global_prompts": [{"text": prompt, "weight": guidance_scale}],
+                           "negative_prompt": negative_prompt, "width": width, "height": height}, "<prompt>")
 
 
 def word_span(text: str, words: str) -> tuple[int, int] | None:
@@ -187,7 +199,7 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] in ("float_type", "int_type") and "input" in err:
             msg = f"must be a number, got {err['input']!r}"
-        for part in msg.split("; "):
+        for part in msg.split("\n"):
             lines.append(f"  {loc}: {part}" if not part.startswith(("local_prompts.", "local_steps")) else f"  {part}")
     return "\n".join(lines)
 
@@ -220,4 +232,24 @@ def load_spec(path: str | Path) -> GLoDSpec:
         locals_ = [lp.model_copy(update={"mask": str(path.parent / lp.mask)}) if lp.mask is not None
                    and not Path(lp.mask).is_absolute() else lp for lp in spec.local_prompts]
         spec = spec.model_copy(update={"local_prompts": locals_})
+        check_masks(spec, str(path))
     return spec
+
+
+def check_masks(spec: GLoDSpec, source: str = "<dict>") -> None:
+    """Raise SpecError naming every ``local_prompts.<i>.mask`` that is not a readable image."""
+    import PIL.Image
+
+    lines = []
+    for i, local in enumerate(spec.local_prompts):
+        if local.mask is None:
+            continue
+        try:
+            with PIL.Image.open(local.mask) as img:
+                img.verify()
+        except FileNotFoundError:
+            lines.append(f"  local_prompts.{i}.mask: no such file {local.mask}")
+        except (OSError, PIL.UnidentifiedImageError, SyntaxError) as exc:
+            lines.append(f"  local_prompts.{i}.mask: {local.mask} is not a readable image ({exc})")
+    if lines:
+        raise SpecError("\n".join([f"invalid GLoD spec {source}:", *lines]))

@@ -20,28 +20,49 @@ def glod(
     seed: int = typer.Option(0, "--seed", help="seed of the initial noise"),
     steps: Optional[int] = typer.Option(None, "--steps", help=f"denoising steps (default {DEFAULT_STEPS}; tiny: {TINY_STEPS})"),
     debug: bool = typer.Option(False, "--debug", help="also save each local region and each object's attention map beside the image"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
-    half: bool = typer.Option(False, "--half", help="float16 weights (GPU)"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cpu or cuda"),
+    half: bool = typer.Option(False, "--half", help="float16 weights (needs a GPU)"),
 ) -> None:
     """Generate an image from global and local prompts (GLoD) with Stable Diffusion."""
+    import torch
+
     from flows.cli import fail
     from cnc_model.glod.spec import SpecError, load_spec
+    from tasks import storage
 
     if not out.lower().endswith(".png"):
         fail(f"--out must name a .png file, got {out!r}")
     if steps is not None and steps < 1:
         fail(f"--steps must be at least 1, got {steps}")
+    if device not in ("auto", "cpu", "cuda"):
+        fail(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: this machine has no CUDA device (use --device cpu)")
+    if half and device != "cuda":
+        fail("--half needs a GPU: float16 on the CPU is slow and lossy (drop --half, or use --device cuda)")
     try:
         parsed = load_spec(spec)
     except SpecError as exc:
-        fail("; ".join(line.strip() for line in str(exc).splitlines()))
+        head, *fields = str(exc).splitlines()
+        fail(head.rstrip(":") + (": " + "; ".join(f.strip() for f in fields) if fields else ""))
     except OSError as exc:
         fail(f"cannot read --spec {spec}: {exc.strerror or exc}")
+    if model != "tiny" and (parsed.width % 8 or parsed.height % 8):
+        fail(f"the spec's width and height must be multiples of 8, got {parsed.width}x{parsed.height}")
+    try:
+        storage.check_writable(out.rsplit("/", 1)[0] if "/" in out else ".")
+    except OSError as exc:
+        fail(f"--out: {exc}")
     try:
         result = render(parsed, model, seed=seed, steps=steps, debug=debug, device=device, half=half)
     except (OSError, ValueError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    written = save_outputs(result, out, debug, [lp.object for lp in parsed.local_prompts])
+    try:
+        written = save_outputs(result, out, debug, [lp.object for lp in parsed.local_prompts])
+    except OSError as exc:
+        fail(f"cannot write --out {out}: {exc}")
     for url in written:
         typer.echo(url)
 

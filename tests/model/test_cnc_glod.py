@@ -37,3 +37,19 @@ def test_local_prompts_compose_and_soft_guidance_still_holds(trained_like_pipe):
     assert np.abs(a - run(trained_like_pipe, glod=spec(), fg_exemplar=random_image((32, 32), 2), **common)).max() > 1e-4
     with pytest.raises(ValueError, match="not both"):
         run(trained_like_pipe, prompt="x", glod=layered)
+
+
+def test_layout_guidance_in_the_spec_is_skipped_with_a_warning(trained_like_pipe, caplog):
+    depth = dict(fg_depth=random_depth(64, 64, 1))
+    plain = run(trained_like_pipe, glod=spec(), **depth)
+    with caplog.at_level("WARNING"):
+        guided = run(trained_like_pipe, glod=spec(layout_guidance={"strength": 30.0, "steps": 2}), **depth)
+    assert np.array_equal(guided, plain)
+    assert "without layout guidance" in caplog.text
+
+
+def test_depth_maps_set_the_size_over_the_specs(trained_like_pipe):
+    # the spec's frame is 64x64; the depth maps are 32x48: the output follows the depth maps
+    out = run(trained_like_pipe, glod=spec(), fg_depth=random_depth(32, 48, 1), bg_depth=random_depth(32, 48, 2))
+    assert out.shape == (1, 32, 48, 3)
+    assert run(trained_like_pipe, glod=spec(width=48, height=32)).shape == (1, 32, 48, 3)

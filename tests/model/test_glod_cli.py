@@ -54,7 +54,7 @@ def test_bad_spec_is_one_line_error(tmp_path: Path, spec: dict, message: str) ->
     result = _glod("--spec", str(path), "--out", str(tmp_path / "x.png"))
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert message in lines[0]
+    assert message in lines[0] and lines[0].startswith(f"error: invalid GLoD spec {path}: ")
     assert not (tmp_path / "x.png").exists()
 
 
@@ -63,6 +63,15 @@ def test_bad_arguments(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "cannot read --spec" in result.output
     result = _glod("--spec", str(EXAMPLE), "--out", str(tmp_path / "x.jpg"))
     assert result.exit_code == 2 and "must name a .png" in result.output
+    result = _glod("--spec", str(EXAMPLE), "--out", str(tmp_path / "x.png"), "--device", "tpu")
+    assert result.exit_code == 2 and "--device must be auto, cpu or cuda" in result.output
+    result = _glod("--spec", str(EXAMPLE), "--out", str(tmp_path / "x.png"), "--device", "cpu", "--half")
+    assert result.exit_code == 2 and "--half needs a GPU" in result.output
+    # an output that cannot be written fails before any rendering, in one line
+    (tmp_path / "file").write_text("")
+    result = _glod("--spec", str(EXAMPLE), "--out", str(tmp_path / "file" / "x.png"))
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: --out: ") and "not writable" in lines[0]
 
 
 def test_model_folder_renders_like_the_tiny_preset(tmp_path: Path) -> None:

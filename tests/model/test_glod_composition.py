@@ -111,8 +111,10 @@ def test_box_mask_coverage_and_feather_stay_inside() -> None:
     assert torch.equal(m, want)
     half = box_mask((0.0, 0.0, 0.5625, 1.0), (8, 8))  # x1 = 4.5 cells: the 5th column half covered
     assert half[0, :6].tolist() == [1, 1, 1, 1, 0.5, 0]
-    soft = box_mask((0.0, 0.0, 1.0, 1.0), (8, 8), feather=2)
-    assert soft[0, 0] == 0.25 and soft[1, 1] == 0.75 and soft[3, 3] == 1.0
+    # the image border is no edge: a whole-image region stays 1 whatever the feather
+    assert torch.equal(box_mask((0.0, 0.0, 1.0, 1.0), (8, 8), feather=2), torch.ones(8, 8))
+    soft = box_mask((0.25, 0.0, 0.75, 0.5), (8, 8), feather=2)
+    assert soft[0].tolist() == [0, 0, 0.5, 1, 1, 0.5, 0, 0] and soft[:5, 3].tolist() == [1, 1, 1, 0.5, 0]
     wide = box_mask((0.25, 0.25, 0.75, 0.75), (8, 8), feather=3)
     assert torch.equal(wide > 0, want.roll(2, 0) > 0) and wide.max() < 1
     # a mask image gives the same hard region as the box
@@ -121,6 +123,14 @@ def test_box_mask_coverage_and_feather_stay_inside() -> None:
     assert torch.equal(mask_to_latent(pixels, (8, 8)), want)
     soft_mask = mask_to_latent(pixels, (8, 8), feather=2)
     assert torch.equal(soft_mask > 0, want > 0) and soft_mask[0, 2] == 0.5 and soft_mask[1, 3] == 1.0
+    # and the same soft edge, on the border and inside
+    for feather in (1, 2, 3):
+        torch.testing.assert_close(mask_to_latent(pixels, (8, 8), feather), box_mask((0.25, 0.0, 0.75, 0.5), (8, 8), feather),
+                                   rtol=0, atol=1e-6)
+    inner = torch.zeros(64, 64)
+    inner[8:56, 16:40] = 1
+    torch.testing.assert_close(mask_to_latent(inner, (8, 8), 2), box_mask((0.25, 0.125, 0.625, 0.875), (8, 8), 2),
+                               rtol=0, atol=1e-6)
 
 
 def test_token_indices_whole_words() -> None:

@@ -53,8 +53,23 @@ def test_yaml_and_json_give_the_same_spec(tmp_path: Path) -> None:
 
 
 def test_mask_paths_are_relative_to_the_spec_file(tmp_path: Path) -> None:
+    import PIL.Image
+
+    PIL.Image.new("L", (64, 32), 255).save(tmp_path / "m.png")
     (tmp_path / "s.json").write_text(json.dumps(_spec(local_prompts=[_local(box=None, mask="m.png")])))
     assert load_spec(tmp_path / "s.json").local_prompts[0].mask == str(tmp_path / "m.png")
+
+
+def test_missing_or_unreadable_masks_name_their_field(tmp_path: Path) -> None:
+    (tmp_path / "notes.png").write_text("not an image")
+    locals_ = [_local(box=None, mask="gone.png"), _local(), _local(box=None, mask="notes.png")]
+    (tmp_path / "s.json").write_text(json.dumps(_spec(local_prompts=locals_)))
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path / "s.json")
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"invalid GLoD spec {tmp_path / 's.json'}:" and len(lines) == 3
+    assert lines[1].startswith("  local_prompts.0.mask: no such file") and "gone.png" in lines[1]
+    assert lines[2].startswith("  local_prompts.2.mask: ") and "not a readable image" in lines[2]
 
 
 @pytest.mark.parametrize(
