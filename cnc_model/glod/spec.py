@@ -18,9 +18,9 @@ A spec is a YAML or JSON file (or a dict) that the CLI, the pipeline and the swe
     layout_guidance: {strength: 0.0, steps: 10, iterations: 1}
 
 Boxes are in the spec's pixel frame; a pipeline rendering at another size scales them.
-:func:`load_spec` turns every problem into one :class:`SpecError` listing each bad field; the
+:func:`load_spec` turns every problem into one :class:`SpecError` listing each bad field, the
 checks that relate fields (box inside the image, object word in its global prompt, the step range)
-run once every field is valid on its own, so a second round can name more.
+included over the parts that are valid on their own; mask files are opened once the rest is valid.
 """
 
 from __future__ import annotations
@@ -127,28 +127,8 @@ class GLoDSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "GLoDSpec":
-        errors = []
-        start, end = self.local_steps
-        if not 0.0 <= start <= end <= 1.0:
-            errors.append(f"local_steps: need 0 <= start <= end <= 1, got {[start, end]}")
-        for i, local in enumerate(self.local_prompts):
-            where = f"local_prompts.{i}"
-            if local.box is not None:
-                x0, y0, x1, y1 = local.box
-                if x0 < 0 or y0 < 0 or x1 > self.width or y1 > self.height:
-                    errors.append(
-                        f"{where}.box: {list(local.box)} lies outside the {self.width}x{self.height} image"
-                    )
-            if local.global_index is not None:
-                if local.global_index >= len(self.global_prompts):
-                    errors.append(f"{where}.global_index: {local.global_index} but only "
-                                  f"{len(self.global_prompts)} global prompt(s)")
-                elif not contains_words(self.global_prompts[local.global_index].text, local.object):
-                    errors.append(f"{where}.object: {local.object!r} is not a word of global prompt "
-                                  f"{local.global_index} ({self.global_prompts[local.global_index].text!r})")
-            elif not any(contains_words(g.text, local.object) for g in self.global_prompts):
-                errors.append(f"{where}.object: {local.object!r} is not a word of any global prompt "
-                              f"({', '.join(repr(g.text) for g in self.global_prompts)})")
+        errors = cross_field_errors(self.width, self.height, [g.text for g in self.global_prompts],
+                                    dict(enumerate(self.local_prompts)), self.local_steps)
         if errors:
             raise ValueError("\n".join(errors))
         return self
@@ -175,6 +155,63 @@ class GLoDSpec(_Strict):
         Raises SpecError (e.g. an empty prompt) like a spec file would."""
         return parse_spec({"global_prompts": [{"text": prompt, "weight": guidance_scale}],
                            "negative_prompt": negative_prompt, "width": width, "height": height}, "<prompt>")
+
+
+def cross_field_errors(
+    width: int | None,
+    height: int | None,
+    global_texts: list[str] | None,
+    locals_: dict[int, LocalPrompt],
+    local_steps: tuple[float, float] | None,
+) -> list[str]:
+    """The checks that relate fields (box inside the frame, object word in its global prompt,
+    step range), one line each. ``None`` (or a missing local prompt) means that part is invalid
+    on its own and already reported, so the checks that need it are skipped."""
+    errors = []
+    if local_steps is not None and not 0.0 <= local_steps[0] <= local_steps[1] <= 1.0:
+        errors.append(f"local_steps: need 0 <= start <= end <= 1, got {list(local_steps)}")
+    for i, local in locals_.items():
+        where = f"local_prompts.{i}"
+        if local.box is not None and width is not None and height is not None:
+            x0, y0, x1, y1 = local.box
+            if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+                errors.append(f"{where}.box: {list(local.box)} lies outside the {width}x{height} image")
+        if global_texts is None:
+            continue
+        if local.global_index is not None:
+            if local.global_index >= len(global_texts):
+                errors.append(f"{where}.global_index: {local.global_index} but only "
+                              f"{len(global_texts)} global prompt(s)")
+            elif not contains_words(global_texts[local.global_index], local.object):
+                errors.append(f"{where}.object: {local.object!r} is not a word of global prompt "
+                              f"{local.global_index} ({global_texts[local.global_index]!r})")
+        elif not any(contains_words(text, local.object) for text in global_texts):
+            errors.append(f"{where}.object: {local.object!r} is not a word of any global prompt "
+                          f"({', '.join(repr(text) for text in global_texts)})")
+    return errors
+
+
+def _cross_field_errors_of_raw(data: dict) -> list[str]:
+    """:func:`cross_field_errors` on a spec dict that failed validation, over the parts that are
+    valid on their own, so one message names every problem."""
+    def valid(model: Any, value: Any) -> Any:
+        try:
+            return model.model_validate(value)
+        except ValidationError:
+            return None
+
+    sizes = [data.get(k, 512) for k in ("width", "height")]
+    width, height = (sizes if all(type(v) is int and v > 0 for v in sizes) else (None, None))
+    globals_ = data.get("global_prompts")
+    parsed = [valid(GlobalPrompt, g) for g in globals_] if isinstance(globals_, list) and globals_ else [None]
+    global_texts = None if None in parsed else [g.text for g in parsed]
+    raw_locals = data.get("local_prompts", [])
+    locals_ = {i: lp for i, lp in enumerate(valid(LocalPrompt, lp) for lp in raw_locals) if lp is not None} \
+        if isinstance(raw_locals, list) else {}
+    steps = data.get("local_steps", (0.0, 1.0))
+    numbers = isinstance(steps, (list, tuple)) and len(steps) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in steps)
+    return cross_field_errors(width, height, global_texts, locals_, tuple(steps) if numbers else None)
 
 
 def word_span(text: str, words: str) -> tuple[int, int] | None:
@@ -213,7 +250,10 @@ def parse_spec(data: Any, source: str = "<dict>") -> GLoDSpec:
     try:
         return GLoDSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_format_errors(exc, source)) from None
+        message = _format_errors(exc, source)
+        if all(err["loc"] for err in exc.errors()):  # field errors only: the cross-field checks did not run
+            message = "\n".join([message, *(f"  {line}" for line in _cross_field_errors_of_raw(data))])
+        raise SpecError(message) from None
 
 
 def load_spec(path: str | Path) -> GLoDSpec:

@@ -107,6 +107,26 @@ def test_several_errors_are_all_reported() -> None:
     assert "local_prompts.0.object" in text and "local_prompts.1.box" in text
 
 
+def test_field_errors_and_cross_field_errors_are_reported_together() -> None:
+    spec = _spec(
+        global_prompts=[{"text": "a man is talking with a woman", "weight": "high"}],
+        local_prompts=[_local(object="dog"), _local(box=[0, 0, 1000, 10]), _local(text="")],
+        local_steps=[0.9, 0.1],
+    )
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec, "s.yaml")
+    lines = str(info.value).splitlines()
+    assert lines[0] == "invalid GLoD spec s.yaml:"
+    assert sorted(line.split(":")[0].strip() for line in lines[1:]) == [
+        "global_prompts.0.weight", "local_prompts.1.box", "local_prompts.2.text", "local_steps"]
+    # the object check needs every global prompt valid: fix the weight, and it reports the object too
+    spec["global_prompts"][0]["weight"] = 7.5
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec, "s.yaml")
+    assert "local_prompts.0.object: 'dog' is not a word" in str(info.value)
+    assert "local_prompts.1.box" in str(info.value) and "local_prompts.2.text" in str(info.value)
+
+
 def test_unparseable_and_non_mapping_files(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(SpecError, match="cannot parse"):
