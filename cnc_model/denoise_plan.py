@@ -76,8 +76,14 @@ def glod_plan(
         [encode(lp.text) for lp in spec.local_prompts],
         num_images,
     )
+    return composition_plan(composition, embeds, num_images)
+
+
+def composition_plan(composition: Any, prompt_embeds: torch.Tensor, num_images: int) -> DenoisePlan:
+    """The plan of a :class:`~cnc_model.glod.composition.GLoDComposition` over its stacked
+    ``[uncond, globals..., locals...]`` embeddings: local rows only in its local step range."""
     return DenoisePlan(
-        embeds,
+        prompt_embeds,
         num_images,
         lambda i, n: composition.num_blocks(composition.locals_active(i, n)),
         lambda eps, i, n: composition(eps, i, n),

@@ -29,6 +29,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from cnc_model.denoise_plan import cfg_plan, composition_plan
 from cnc_model.glod.composition import stack_prompt_embeds
 from cnc_model.glod.layout_guidance import AttentionStore, attention_store, layout_guidance_step, object_maps
 from cnc_model.glod.prepare import composition_from_spec, layout_objects, spec_texts
@@ -121,7 +122,7 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
         """
         device = self._execution_device
         default_size = self.unet.config.sample_size * self.vae_scale_factor
-        plain_cfg = True  # the unconditional row is in the batch
+        text_only = False  # diffusers' guidance_scale <= 1: the text row alone, no unconditional row
         if spec is None:
             if prompt is None:
                 raise ValueError("give a `spec` or a `prompt`")
@@ -129,7 +130,7 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
                 raise TypeError(f"GLoDPipeline takes one `prompt` string (use num_images_per_prompt for several "
                                 f"images), got {type(prompt).__name__}")
             guidance_scale = 7.5 if guidance_scale is None else guidance_scale
-            plain_cfg = guidance_scale > 1.0
+            text_only = guidance_scale <= 1.0
             spec = GLoDSpec.single(prompt, guidance_scale, negative_prompt or "", default_size, default_size)
             height, width = height or default_size, width or default_size
         else:
@@ -155,10 +156,9 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
         prompt_embeds, uncond = prompt_embeds.to(dtype), uncond.to(dtype)
         embeds = stack_prompt_embeds(uncond, list(prompt_embeds[:num_globals, None]),
                                      list(prompt_embeds[num_globals:, None]), n)
-        if not plain_cfg:
-            embeds = embeds[n:]  # diffusers' guidance_scale <= 1: the text row alone
         composition = composition_from_spec(spec, latent_size)
         composition.local_masks = composition.local_masks.to(device, dtype)
+        plan = cfg_plan(embeds[n:], None, guidance_scale) if text_only else composition_plan(composition, embeds, n)
 
         timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device)
         num_steps = len(timesteps)  # may differ from the request (PNDM's PLMS warm-up adds one)
@@ -193,21 +193,19 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
                     if store is not None and not return_debug and not (guide and i + 1 < layout.steps):
                         stack.close()  # guidance done: put the original processors back
                         store = None
-                    active = composition.locals_active(i, num_steps)
-                    blocks = composition.num_blocks(active) if plain_cfg else 1
+                    blocks = plan.num_blocks(i, num_steps)
                     latent_model_input = self.scheduler.scale_model_input(torch.cat([latents] * blocks), t)
                     record = store is not None and return_debug  # else a pass-through on this call
                     if record:
                         store.rows, store.detach = global_rows, True
                         store.reset()
                         store.recording = True
-                    noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=embeds[: blocks * n],
+                    noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=plan.embeds_for(blocks),
                                            return_dict=False)[0]
                     if record:
                         store.recording = False
                         self._accumulate_maps(debug_maps, store, objects, latent_size)
-                    if plain_cfg:
-                        noise_pred = composition(noise_pred, i, num_steps)
+                    noise_pred = plan.compose(noise_pred, i, num_steps)
                     latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                     if callback_on_step_end is not None:
                         callback_on_step_end(i, t, latents)
