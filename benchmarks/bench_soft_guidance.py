@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import ControlNetModel, UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 
-from cnc_model.local_fuser import LocalFuser  # noqa: E402
-from cnc_model.soft_guidance import SoftGuidance, install_soft_guidance  # noqa: E402
+from cnc_model.cnc.local_fuser import LocalFuser  # noqa: E402
+from cnc_model.cnc.soft_guidance import SoftGuidance, install_soft_guidance  # noqa: E402
 from cnc_model.tiny import tiny_unet_config  # noqa: E402
 
 SD15_UNET = dict(

@@ -13,12 +13,12 @@ from typing import Any
 from cnc_model.presets import PRESETS, Preset, get_preset
 
 _LAZY = {
-    "CnCPipeline": "cnc_model.pipeline_cnc",
-    "GLoDPipeline": "cnc_model.pipeline_glod",
-    "GlobalFuser": "cnc_model.global_fuser",
-    "LocalFuser": "cnc_model.local_fuser",
-    "SoftGuidance": "cnc_model.soft_guidance",
-    "SoftGuidanceAttnProcessor": "cnc_model.soft_guidance",
+    "CnCPipeline": "cnc_model.cnc.pipeline_cnc",
+    "GLoDPipeline": "cnc_model.glod.pipeline_glod",
+    "GlobalFuser": "cnc_model.cnc.global_fuser",
+    "LocalFuser": "cnc_model.cnc.local_fuser",
+    "SoftGuidance": "cnc_model.cnc.soft_guidance",
+    "SoftGuidanceAttnProcessor": "cnc_model.cnc.soft_guidance",
 }
 
 __all__ = ["PRESETS", "Preset", "get_preset", *_LAZY]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from cnc_model.pipeline_cnc import CnCPipeline
+from cnc_model.cnc.pipeline_cnc import CnCPipeline
 from cnc_model.tiny import tiny_clip_image_encoder, tiny_sd_components
 
 

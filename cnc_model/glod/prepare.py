@@ -1,6 +1,6 @@
 """From a :class:`GLoDSpec` to the tensors a denoising loop needs: regions, composition, layout objects.
 
-Shared by :class:`~cnc_model.pipeline_glod.GLoDPipeline` and any other pipeline (CnC) that
+Shared by :class:`~cnc_model.glod.pipeline_glod.GLoDPipeline` and any other pipeline (CnC) that
 composes GLoD prompts, so the spec means the same thing everywhere.
 """
 

@@ -72,7 +72,7 @@ def load_pipeline(model: str, device: str = "cpu", half: bool = False) -> Any:
     or any folder / hub id holding a GLoD or Stable Diffusion 1.x pipeline."""
     import torch
 
-    from cnc_model.pipeline_glod import GLoDPipeline
+    from cnc_model.glod.pipeline_glod import GLoDPipeline
     from cnc_model.presets import get_preset
 
     if model == "tiny":

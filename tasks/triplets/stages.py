@@ -162,7 +162,7 @@ class SaliencyStage(Stage):
                  pad_batches: bool = True, threshold: float = 0.5, model: str | None = None,
                  input_size: int | None = None, use_given_masks: bool = True, seed: int = 0):
         super().__init__(preset, device, batch_size, pad_batches)
-        from cnc_model.saliency import SaliencyModel
+        from cnc_model.annotators.saliency import SaliencyModel
 
         self.use_given_masks = use_given_masks
         kw = {"threshold": threshold}
@@ -282,7 +282,7 @@ class InpaintStage(Stage):
                  strength: float = 1.0, prompt: str | None = None, negative_prompt: str | None = None,
                  paste_unmasked: bool = False, jpeg_quality: int = 95, model: str | None = None, seed: int = 0):
         super().__init__(preset, device, batch_size, pad_batches)
-        from cnc_model.inpaint import NEGATIVE_PROMPT, PROMPT, Inpainter, InpaintSettings
+        from cnc_model.annotators.inpaint import NEGATIVE_PROMPT, PROMPT, Inpainter, InpaintSettings
 
         settings = InpaintSettings(prompt or PROMPT, NEGATIVE_PROMPT if negative_prompt is None else negative_prompt,
                                    strength, guidance_scale, num_inference_steps)
@@ -295,7 +295,7 @@ class InpaintStage(Stage):
         self.jpeg_quality = jpeg_quality
 
     def process(self, batch, live, out, reject):
-        from cnc_model.inpaint import seed_from_key
+        from cnc_model.annotators.inpaint import seed_from_key
 
         images = self._decode_images(batch, "jpg", live, reject)
         dilated = {i: M.decode_mask(_as_bytes(batch["dilated_png"][i])) for i in images}
@@ -343,7 +343,7 @@ class DepthStage(Stage):
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
                  pad_batches: bool = True, model: str | None = None, compress_level: int = 1, seed: int = 0):
         super().__init__(preset, device, batch_size, pad_batches)
-        from cnc_model.depth import DepthEstimator
+        from cnc_model.annotators.depth import DepthEstimator
 
         if model is None and self.preset.is_tiny:
             self.estimator = DepthEstimator.tiny(seed, device=device)
@@ -352,7 +352,7 @@ class DepthStage(Stage):
         self.compress_level = compress_level
 
     def process(self, batch, live, out, reject):
-        from cnc_model.depth import encode_depth_png16
+        from cnc_model.annotators.depth import encode_depth_png16
 
         fg = self._decode_images(batch, "fg_png", live, reject)
         bg = self._decode_images(batch, "bg_jpg", [i for i in live if i in fg], reject)
@@ -378,7 +378,7 @@ class ClipStage(Stage):
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
                  pad_batches: bool = True, model: str | None = None, seed: int = 0):
         super().__init__(preset, device, batch_size, pad_batches)
-        from cnc_model.clip_embed import ClipImageEmbedder
+        from cnc_model.annotators.clip_embed import ClipImageEmbedder
 
         if model is None and self.preset.is_tiny:
             self.embedder = ClipImageEmbedder.tiny(seed, device=device)
@@ -386,7 +386,7 @@ class ClipStage(Stage):
             self.embedder = ClipImageEmbedder.from_pretrained(model or self.preset.clip_image, device=device)
 
     def process(self, batch, live, out, reject):
-        from cnc_model.clip_embed import encode_npy
+        from cnc_model.annotators.clip_embed import encode_npy
 
         fg = self._decode_images(batch, "fg_png", live, reject)
         bg = self._decode_images(batch, "bg_jpg", [i for i in live if i in fg], reject)
@@ -410,7 +410,7 @@ class LatentsStage(Stage):
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
                  pad_batches: bool = True, model: str | None = None, seed: int = 0):
         super().__init__(preset, device, batch_size, pad_batches)
-        from cnc_model.latents import LatentEncoder
+        from cnc_model.annotators.latents import LatentEncoder
 
         if model is None and self.preset.is_tiny:
             self.encoder = LatentEncoder.tiny(seed, device=device)
@@ -418,7 +418,7 @@ class LatentsStage(Stage):
             self.encoder = LatentEncoder.from_pretrained(model or self.preset.sd, device=device)
 
     def process(self, batch, live, out, reject):
-        from cnc_model.clip_embed import encode_npy
+        from cnc_model.annotators.clip_embed import encode_npy
 
         images = self._decode_images(batch, "jpg", live, reject)
         for group in _by_shape(list(images), images):

@@ -140,8 +140,8 @@ def test_coco_stuff_masks_and_bad_inputs_travel_through_the_whole_chain(tmp_path
 def test_optional_clip_embeddings_and_vae_latents(ingested, tmp_path):
     import torch
 
-    from cnc_model.clip_embed import decode_npy
-    from cnc_model.latents import LatentEncoder
+    from cnc_model.annotators.clip_embed import decode_npy
+    from cnc_model.annotators.latents import LatentEncoder
 
     result = run_triplets(str(ingested / "ingest"), str(tmp_path / "t"), preset="tiny", stages=STAGES, clip=True,
                           latents=True, executor="local")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from cnc_model.pipeline_cnc import CnCPipeline
+from cnc_model.cnc.pipeline_cnc import CnCPipeline
 from cnc_model.tiny import tiny_clip_image_encoder, tiny_sd_components
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from cnc_model.alignment import CLIPAligner, crop, to_tensor
+from cnc_model.metrics.alignment import CLIPAligner, crop, to_tensor
 from cnc_model.tiny import tiny_tokenizer
 
 PROMPTS = ["a man with white beard", "a red car", "a cat on a sofa"]
@@ -104,7 +104,7 @@ def test_from_pretrained_round_trip(aligner: CLIPAligner, tmp_path: Path) -> Non
 
 
 def test_spec_alignment_scores_each_prompt(aligner: CLIPAligner, tmp_path: Path) -> None:
-    from cnc_model.alignment import spec_alignment
+    from cnc_model.metrics.alignment import spec_alignment
     from cnc_model.glod.spec import parse_spec
 
     PIL.Image.fromarray(np.pad(np.full((20, 10), 255, np.uint8), ((0, 0), (5, 5)))).save(tmp_path / "m.png")

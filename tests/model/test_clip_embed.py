@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnc_model.clip_embed import ClipImageEmbedder, decode_npy, encode_npy
+from cnc_model.annotators.clip_embed import ClipImageEmbedder, decode_npy, encode_npy
 
 
 @pytest.fixture(scope="module")

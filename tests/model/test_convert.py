@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cnc_model.convert import UnmatchedKeysError, convert_cnc_checkpoint, load_cnc_checkpoint
-from cnc_model.global_fuser import GlobalFuser
-from cnc_model.local_fuser import LocalFuser
+from cnc_model.cnc.convert import UnmatchedKeysError, convert_cnc_checkpoint, load_cnc_checkpoint
+from cnc_model.cnc.global_fuser import GlobalFuser
+from cnc_model.cnc.local_fuser import LocalFuser
 from cnc_model.tiny import tiny_sd_components
 
 CH = (32, 64)  # tiny UNet widths; level 0 has cross-attention, level 1 not

@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from cnc_model.depth import (
+from cnc_model.annotators.depth import (
     DepthEstimator,
     decode_depth_png16,
     depth_to_rgb,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cnc_model.global_fuser import GlobalFuser
+from cnc_model.cnc.global_fuser import GlobalFuser
 
 
 def test_four_tokens_per_exemplar_of_the_cross_attention_width():

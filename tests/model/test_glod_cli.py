@@ -75,7 +75,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
 
 
 def test_model_folder_renders_like_the_tiny_preset(tmp_path: Path) -> None:
-    from cnc_model.pipeline_glod import GLoDPipeline
+    from cnc_model.glod.pipeline_glod import GLoDPipeline
     from cnc_model.tiny import tiny_sd_components
 
     GLoDPipeline(**tiny_sd_components(0)).save_pretrained(tmp_path / "model")

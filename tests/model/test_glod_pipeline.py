@@ -19,7 +19,7 @@ from cnc_model.glod.layout_guidance import (
 )
 from cnc_model.glod.prepare import layout_objects, spec_regions
 from cnc_model.glod.spec import parse_spec
-from cnc_model.pipeline_glod import GLoDPipeline
+from cnc_model.glod.pipeline_glod import GLoDPipeline
 from cnc_model.tiny import tiny_sd_components
 
 STEPS = 4

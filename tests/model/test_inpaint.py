@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnc_model.inpaint import NEGATIVE_PROMPT, PROMPT, Inpainter, InpaintSettings, seed_from_key
+from cnc_model.annotators.inpaint import NEGATIVE_PROMPT, PROMPT, Inpainter, InpaintSettings, seed_from_key
 
 SIZE = 32
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cnc_model.latents import LatentEncoder
+from cnc_model.annotators.latents import LatentEncoder
 from cnc_model.tiny import tiny_sd_components
 
 

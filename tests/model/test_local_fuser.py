@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from cnc_model.local_fuser import FDN, LocalFuser
+from cnc_model.cnc.local_fuser import FDN, LocalFuser
 from cnc_model.tiny import tiny_sd_components, tiny_unet_config
 
 

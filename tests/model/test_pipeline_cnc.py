@@ -10,8 +10,8 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, EulerDiscreteScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from cnc_model.pipeline_cnc import CnCPipeline
-from cnc_model.soft_guidance import SoftGuidanceAttnProcessor
+from cnc_model.cnc.pipeline_cnc import CnCPipeline
+from cnc_model.cnc.soft_guidance import SoftGuidanceAttnProcessor
 from tests.model.conftest import make_cnc_pipeline, make_sd_pipeline, random_depth, random_image
 
 STEPS = 3

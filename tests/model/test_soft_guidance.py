@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from cnc_model.soft_guidance import SoftGuidance, SoftGuidanceAttnProcessor, attention_resolutions, install_soft_guidance
+from cnc_model.cnc.soft_guidance import SoftGuidance, SoftGuidanceAttnProcessor, attention_resolutions, install_soft_guidance
 from cnc_model.tiny import tiny_sd_components
 
 

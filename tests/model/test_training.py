@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from cnc_model.global_fuser import GlobalFuser
-from cnc_model.local_fuser import LocalFuser
+from cnc_model.cnc.global_fuser import GlobalFuser
+from cnc_model.cnc.local_fuser import LocalFuser
 from cnc_model.tiny import tiny_sd_components
-from cnc_model.training import CnCBatch, CnCTrainingStep, DropoutConfig
+from cnc_model.cnc.training import CnCBatch, CnCTrainingStep, DropoutConfig
 
 
 def scheduler() -> DDPMScheduler:

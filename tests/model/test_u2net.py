@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cnc_model.u2net import U2Net, U2NetConfig, tiny_u2net
+from cnc_model.annotators.u2net import U2Net, U2NetConfig, tiny_u2net
 
 
 def _rebnconv(prefix: str) -> list[str]:

@@ -199,8 +199,8 @@ def test_reference_baseline_agrees_with_the_stages(result):
 
 def test_stages_load_saved_weights_through_the_real_path(tmp_path, result):
     """``model=<folder>`` with the real preset takes the from_pretrained path: same output as tiny."""
-    from cnc_model.depth import DepthEstimator
-    from cnc_model.saliency import SaliencyModel
+    from cnc_model.annotators.depth import DepthEstimator
+    from cnc_model.annotators.saliency import SaliencyModel
 
     SaliencyModel.tiny(0).save_pretrained(tmp_path / "u2net")
     DepthEstimator.tiny(0).save_pretrained(tmp_path / "dpt")

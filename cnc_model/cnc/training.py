@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnc_model.conditioning import CnCConditions, cnc_noise_prediction
-from cnc_model.soft_guidance import install_soft_guidance
+from cnc_model.cnc.conditioning import CnCConditions, cnc_noise_prediction
+from cnc_model.cnc.soft_guidance import install_soft_guidance
 
 STAGES = ("local", "global", "full")
 

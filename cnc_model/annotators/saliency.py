@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnc_model.u2net import U2Net, tiny_u2net
+from cnc_model.annotators.u2net import U2Net, tiny_u2net
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -24,12 +24,12 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from cnc_model.conditioning import CnCConditions, ImageLike, cnc_noise_prediction, mask_from_depth, prepare_depth, prepare_mask
+from cnc_model.cnc.conditioning import CnCConditions, ImageLike, cnc_noise_prediction, mask_from_depth, prepare_depth, prepare_mask
 from cnc_model.denoise_plan import cfg_plan, glod_plan, load_glod_spec
-from cnc_model.global_fuser import GlobalFuser
-from cnc_model.local_fuser import LocalFuser
+from cnc_model.cnc.global_fuser import GlobalFuser
+from cnc_model.cnc.local_fuser import LocalFuser
 from cnc_model.pipeline_common import SharedPipelineMixin
-from cnc_model.soft_guidance import SoftGuidance, install_soft_guidance
+from cnc_model.cnc.soft_guidance import SoftGuidance, install_soft_guidance
 
 
 
@@ -52,7 +52,7 @@ class CnCPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
     the CnC parts (``local_fuser``, ``global_fuser``), and optionally ``image_encoder`` +
     ``feature_extractor`` (CLIP, to embed exemplar images) and ``depth_estimator`` +
     ``depth_processor`` (a transformers depth model such as DPT, to estimate depth maps from
-    images). Soft guidance runs through :class:`~cnc_model.soft_guidance.SoftGuidanceAttnProcessor`,
+    images). Soft guidance runs through :class:`~cnc_model.cnc.soft_guidance.SoftGuidanceAttnProcessor`,
     installed on the UNet and the local fuser at construction.
     """
 

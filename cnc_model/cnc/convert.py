@@ -4,8 +4,8 @@ The reference release is one LDM state dict: ``model.diffusion_model.*`` (the fr
 ``first_stage_model.*`` (VAE), ``cond_stage_model.*`` (CLIP text), noise-schedule buffers, and
 the two trained parts, ``local_adapter.*`` and ``global_adapter.*``. The SD parts are SD 1.5 as
 released (CnC freezes them), so they are skipped here and loaded from the SD 1.5 weights; the
-adapters are renamed to :class:`~cnc_model.local_fuser.LocalFuser` and
-:class:`~cnc_model.global_fuser.GlobalFuser` keys. Any key that fits neither is reported by name.
+adapters are renamed to :class:`~cnc_model.cnc.local_fuser.LocalFuser` and
+:class:`~cnc_model.cnc.global_fuser.GlobalFuser` keys. Any key that fits neither is reported by name.
 
 Key layout of the LDM local adapter (``L`` = ResBlocks per level, ``n`` = levels):
 ``input_blocks.0.0`` conv_in; ``input_blocks.k`` for ``k = 1 + level*(L+1) + r``: ``r < L`` a

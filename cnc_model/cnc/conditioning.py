@@ -1,6 +1,6 @@
 """CnC conditions -> one UNet call: input normalisation, context building, the guided forward.
 
-Shared by :class:`~cnc_model.pipeline_cnc.CnCPipeline` and :mod:`cnc_model.training`, so that
+Shared by :class:`~cnc_model.cnc.pipeline_cnc.CnCPipeline` and :mod:`cnc_model.cnc.training`, so that
 inference and training run the very same conditioning code.
 """
 
@@ -13,7 +13,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from cnc_model.soft_guidance import SoftGuidance
+from cnc_model.cnc.soft_guidance import SoftGuidance
 
 ImageLike = PIL.Image.Image | np.ndarray | torch.Tensor
 

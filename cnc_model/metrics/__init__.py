@@ -1,0 +1,1 @@
+"""Measurements of generated images: GLoD's CLIP alignment scores."""
