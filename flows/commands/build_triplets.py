@@ -20,11 +20,17 @@ def build_triplets(
     latents: bool = typer.Option(False, "--latents", help="also store VAE latents of the source crop"),
     gpus_per_inpaint_actor: float = typer.Option(0.0, "--inpaint-gpus", help="GPUs per inpainting actor"),
     resume: bool = typer.Option(False, "--resume", help="finish an unfinished run in --out"),
+    executor: str = typer.Option("ray", "--executor", help="ray (local Ray or RAY_ADDRESS) or local (this process)"),
+    max_reject_share: Optional[float] = typer.Option(None, "--max-reject-share",
+                                                     help="fail a step above this share of rejects "
+                                                          "(default: only when every input is rejected)"),
 ) -> None:
     """Source images -> CnC triplets (fg, inpainted bg, mask, depth maps) on Ray."""
-    from flows.errors import fail
+    from flows.run_options import run_options
+    from flows.errors import fail, fail_with
     from tasks import storage
-    from tasks.ingest import OutputConflict, run_ingest
+    from tasks.ingest import run_ingest
+    from tasks.shard_job import OutputBusy, OutputConflict, ShardJobFailed
     from tasks.sources import SOURCE_FORMATS
     from tasks.sources.base import SourceError
     from tasks.triplets.job import StageOptions, TripletsInputError, run_triplets
@@ -33,15 +39,17 @@ def build_triplets(
         fail(f"unknown --source-format {source_format!r}; choose one of {', '.join(SOURCE_FORMATS)}")
     if preset not in ("tiny", "sd15"):
         fail(f"unknown --preset {preset!r}; choose tiny or sd15")
+    options = run_options(executor, 3, None, max_reject_share)
     stages = {"inpaint": StageOptions(num_gpus=gpus_per_inpaint_actor, cfg={"num_inference_steps": inpaint_steps})}
     try:
         ingest = run_ingest(source_format, source, storage.join(out, "ingest"), size=size, shard_size=shard_size,
-                            limit=limit, resume=resume, progress=True)
+                            limit=limit, resume=resume, progress=True, executor=executor, run_options=options)
         typer.echo(f"ingest: {ingest.summary()}")
         result = run_triplets(ingest.out_url, storage.join(out, "triplets"), preset=preset, clip=clip,
-                              latents=latents, stages=stages, resume=resume, progress=True)
-    except (SourceError, OutputConflict, TripletsInputError, OSError, ValueError) as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                              latents=latents, stages=stages, resume=resume, progress=True, executor=executor,
+                              run_options=options)
+    except (SourceError, OutputConflict, OutputBusy, ShardJobFailed, TripletsInputError, OSError, ValueError) as exc:
+        fail_with(exc)
     typer.echo(f"triplets: {result.summary()}")
     if result.preview_url:
         typer.echo(f"contact sheet: {result.preview_url}")
