@@ -12,6 +12,8 @@ import typer
 
 from flows.errors import fail, fail_with
 from flows.run_options import run_options
+from tasks.ingest_config import IngestConfig
+from tasks.run_options import RunOptions
 
 app = typer.Typer(help="Compose and Conquer: build triplet data, train, evaluate and generate.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -22,15 +24,18 @@ def ingest(
     source_format: str = typer.Option(..., "--source-format", help="folder, coco-stuff, pickapic or webdataset"),
     source: str = typer.Option(..., "--source", help="source URL (path, file://, s3://, memory://)"),
     out: str = typer.Option(..., "--out", help="output URL for the shards"),
-    size: int = typer.Option(512, "--size", help="side of the square centre crop"),
-    shard_size: int = typer.Option(256, "--shard-size", help="inputs per shard"),
+    size: int = typer.Option(IngestConfig.size, "--size", help="side of the square centre crop"),
+    shard_size: int = typer.Option(IngestConfig.shard_size, "--shard-size", help="inputs per shard"),
     resume: bool = typer.Option(False, "--resume", help="finish an unfinished run in --out"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N inputs"),
-    quality: int = typer.Option(95, "--quality", help="JPEG quality of the crops"),
-    executor: str = typer.Option("ray", "--executor", help="ray (local Ray or RAY_ADDRESS) or local (this process)"),
-    max_attempts: int = typer.Option(3, "--max-attempts", help="tries per shard before it is recorded as failed"),
-    shard_timeout: Optional[float] = typer.Option(None, "--shard-timeout", help="seconds per shard attempt (Ray)"),
-    max_reject_share: Optional[float] = typer.Option(None, "--max-reject-share",
+    quality: int = typer.Option(IngestConfig.quality, "--quality", help="JPEG quality of the crops"),
+    executor: str = typer.Option(RunOptions.executor, "--executor",
+                                 help="ray (local Ray or RAY_ADDRESS) or local (this process)"),
+    max_attempts: int = typer.Option(RunOptions.max_attempts, "--max-attempts",
+                                     help="tries per shard before it is recorded as failed"),
+    shard_timeout: Optional[float] = typer.Option(RunOptions.shard_timeout_s, "--shard-timeout",
+                                                  help="seconds per shard attempt (Ray)"),
+    max_reject_share: Optional[float] = typer.Option(RunOptions.max_reject_share, "--max-reject-share",
                                                      help="fail the run above this share of rejects "
                                                           "(default: only when every input is rejected)"),
 ) -> None:

@@ -15,10 +15,11 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tasks import storage
+from tasks.ingest_config import IngestConfig
 from tasks.manifest import versions
 from tasks.shard_job import (PROPAGATE, OutputConflict, RunOptions, RunReport, Shard, ShardJob, describe,
                              is_transient, run_shard_job)
@@ -35,26 +36,6 @@ MAX_CAPTION_CHARS = 4096
 def sample_key(source_id: str) -> str:
     """A stable, filename-safe WebDataset key for a source id."""
     return hashlib.sha1(source_id.encode("utf-8", "surrogatepass")).hexdigest()[:20]
-
-
-@dataclass(frozen=True)
-class IngestConfig:
-    """Everything that determines the output bytes; stored in the output and compared on re-runs."""
-
-    source_format: str
-    source_url: str
-    out_url: str
-    size: int = 512
-    shard_size: int = 256
-    quality: int = 95
-    min_side: int = 64
-    limit: int | None = None
-    source_options: dict[str, Any] = field(default_factory=dict)
-
-    def identity(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("out_url")
-        return d
 
 
 @dataclass

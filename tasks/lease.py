@@ -24,11 +24,11 @@ import uuid
 from typing import Any
 
 from tasks import storage
+from tasks.run_options import DEFAULT_LEASE_SECONDS
 
 log = logging.getLogger(__name__)
 
 LEASE_DIR = "_lease"
-DEFAULT_LEASE_SECONDS = 600.0
 
 
 class OutputBusy(RuntimeError):

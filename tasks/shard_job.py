@@ -48,12 +48,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tasks import storage
-from tasks.lease import DEFAULT_LEASE_SECONDS, Lease, OutputBusy
+from tasks.lease import Lease, OutputBusy
+from tasks.run_options import EXECUTORS, RunOptions
 from tasks.shards import ShardWriter, read_index, read_input_hash, shard_urls
 
 log = logging.getLogger(__name__)
 
-EXECUTORS = ("ray", "local")
 CONFIG_FILE = "_config.json"
 TEMP_MARK = ".tmp-"
 
@@ -155,21 +155,6 @@ def input_hash(inputs: Any) -> str:
     """A stable hash of a shard's input description."""
     data = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8", "surrogatepass")
     return hashlib.sha256(data).hexdigest()
-
-
-@dataclass
-class RunOptions:
-    """How to run a job; none of these change the output bytes."""
-
-    executor: str = "ray"
-    resume: bool = False
-    progress: bool = False
-    on_shard: Callable[[dict[str, Any]], None] | None = None
-    max_attempts: int = 3  # per shard, counting the first
-    shard_timeout_s: float | None = None  # per attempt; enforced on Ray (a local attempt cannot be interrupted)
-    lease_seconds: float = DEFAULT_LEASE_SECONDS
-    max_reject_share: float | None = None  # None: fail only when every input is rejected
-    num_cpus: float = 1.0  # per shard task on Ray
 
 
 class ShardJob:

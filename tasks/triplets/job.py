@@ -19,7 +19,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from tasks.shard_job import PROPAGATE, RunOptions, RunReport, Shard, ShardJob, d
 from tasks.shards import iter_tar_samples, read_index, shard_name, shard_urls
 from tasks.triplets import staging
 from tasks.triplets import resources as pools
+from tasks.triplets.config import StageOptions, TripletsConfig  # noqa: F401 - StageOptions is re-exported
 from tasks.triplets.stage_runner import StageRunner
 
 log = logging.getLogger(__name__)
@@ -48,44 +49,6 @@ OUTPUT_FILES = {
 }
 MALFORMED = "malformed_ingest_sample"
 _INTERNAL = {"key", "source_id", "txt", "reject", "shard", "dilated_png", *OUTPUT_FILES}
-
-
-@dataclass(frozen=True)
-class StageOptions:
-    """Resources and batch size of one stage's actor pool; ``None`` picks the defaults that
-    ``tasks.triplets.resources`` describes."""
-
-    batch_size: int = 8
-    num_cpus: float | None = None
-    num_gpus: float = 0.0
-    min_actors: int | None = None
-    max_actors: int | None = None
-    memory_gib: float | None = None  # Ray's memory request per actor (scheduling, not a limit)
-    cfg: dict[str, Any] = field(default_factory=dict)  # passed to the stage's constructor
-
-
-@dataclass(frozen=True)
-class TripletsConfig:
-    ingest_url: str
-    out_url: str
-    preset: str = "tiny"
-    clip: bool = False
-    latents: bool = False
-    stages: dict[str, StageOptions] = field(default_factory=dict)
-
-    def stage_names(self) -> list[str]:
-        from tasks.triplets.stages import stage_names
-
-        return stage_names(self.clip, self.latents)
-
-    def options(self, name: str) -> StageOptions:
-        return self.stages.get(name, StageOptions())
-
-    def identity(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("out_url")
-        d["stages"] = {k: {"cfg": v.cfg} for k, v in sorted(self.stages.items())}  # resources don't change bytes
-        return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
 @dataclass
