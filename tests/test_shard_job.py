@@ -99,6 +99,20 @@ def test_an_expired_lease_of_a_dead_run_is_taken_over(tmp_path):
     assert not (out / "_lease").exists()
 
 
+def test_a_live_lease_of_a_process_gone_from_this_host_is_taken_over_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "out"
+    (out / "_lease").mkdir(parents=True)
+    killed = {"run_id": "killed", "host": socket.gethostname(), "pid": int(gone.stdout), "expires": time.time() + 600}
+    (out / "_lease" / "000001.json").write_text(json.dumps(killed))
+    report = run(Toy(str(out), [["a"]]))
+    assert report.written == [0]
+
+
 def test_a_run_that_lost_its_lease_to_another_stops(tmp_path):
     out = tmp_path / "out"
     lease = Lease(str(out), seconds=60).acquire()
