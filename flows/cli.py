@@ -30,7 +30,8 @@ def ingest(
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N inputs"),
     quality: int = typer.Option(IngestConfig.quality, "--quality", help="JPEG quality of the crops"),
     executor: str = typer.Option(RunOptions.executor, "--executor",
-                                 help="ray (local Ray or RAY_ADDRESS) or local (this process)"),
+                                 help="auto, ray (local Ray or RAY_ADDRESS), processes (a pool on this "
+                                      "machine) or local (this process); auto says what it picked"),
     max_attempts: int = typer.Option(RunOptions.max_attempts, "--max-attempts",
                                      help="tries per shard before it is recorded as failed"),
     shard_timeout: Optional[float] = typer.Option(RunOptions.shard_timeout_s, "--shard-timeout",

@@ -23,5 +23,7 @@ def run_options(executor: str, max_attempts: int, shard_timeout: float | None,
         fail(f"--shard-timeout must be positive, got {shard_timeout}")
     if max_reject_share is not None and not 0 <= max_reject_share <= 1:
         fail(f"--max-reject-share must be between 0 and 1, got {max_reject_share}")
+    import typer
+
     return RunOptions(executor=executor, max_attempts=max_attempts, shard_timeout_s=shard_timeout,
-                      max_reject_share=max_reject_share)
+                      max_reject_share=max_reject_share, announce=lambda line: typer.echo(line, err=True))

@@ -7,6 +7,7 @@ tested in tests/integration/test_ingest.py and test_shard_job_bytes.py.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from tasks import storage
 from tasks.lease import Lease, OutputBusy
 from tasks.shard_job import (OutputConflict, RunOptions, RunReport, Shard, ShardJob, ShardJobFailed, TooManyRejects,
-                             is_transient, run_shard_job)
+                             choose_executor, is_transient, run_shard_job)
 from tasks.shards import read_input_hash
 
 
@@ -30,6 +31,7 @@ class Toy(ShardJob):
     inputs: list[list[str]]
     broken: tuple[int, ...] = ()
     error: type[BaseException] = OSError
+    poison: str = ""  # "die" or "hang": what shard 1 does
     kind: str = "toy"
     seen: list[int] = field(default_factory=list)
 
@@ -49,6 +51,10 @@ class Toy(ShardJob):
                 fh.write(f"{shard.index}\n")
         if shard.index in self.broken:
             raise self.error(f"shard {shard.index} cannot be read")
+        if shard.index == 1 and self.poison == "die":
+            os._exit(3)  # as a segfault or the OOM killer would end the worker
+        if shard.index == 1 and self.poison == "hang":
+            time.sleep(3600)
         with shard.writer() as w:
             for name in shard.inputs:
                 if name.startswith("bad"):
@@ -234,3 +240,57 @@ def test_storage_helpers_see_a_memory_output(memory_url):
     report = run(Toy(memory_url, [["a"], ["bad"]]))
     assert report.inputs == 2 and storage.exists(f"{memory_url}/manifest.json")
     assert not storage.exists(f"{memory_url}/_lease")
+
+
+# ------------------------------------------------------------------ executors (issue 16: processes, auto)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "attempts.txt"}
+
+
+def test_the_process_pool_writes_the_same_bytes_as_this_process(tmp_path):
+    inputs = [["a", "bad1"], ["b"], ["c", "d"]]
+    run(Toy(str(tmp_path / "local"), inputs))
+    report = run_shard_job(Toy(str(tmp_path / "procs"), inputs), RunOptions(executor="processes", workers=2))
+    assert report.executor == "processes" and sorted(report.written) == [0, 1, 2]
+    assert tree_bytes(tmp_path / "procs") == tree_bytes(tmp_path / "local")
+
+
+@pytest.mark.parametrize("poison, attempts_, timeout, error", [
+    ("die", 2, None, r"worker process died \(exit code 3\)"),
+    # the timeout leaves ample room for the good shards on a loaded 2-core machine
+    ("hang", 1, 5.0, "timed out after 5 s"),
+])
+def test_a_poison_shard_in_the_process_pool_costs_only_its_own_attempts(tmp_path, poison, attempts_, timeout, error):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ShardJobFailed, match=f"1 of 3 shards failed: shard 1 \\({error}"):
+        run_shard_job(Toy(str(out), [["a"], ["b"], ["c"]], poison=poison),
+                      RunOptions(executor="processes", workers=2, max_attempts=attempts_, shard_timeout_s=timeout))
+    assert sorted(attempts(out)) == sorted([0, 2] + [1] * attempts_)  # shard 1 as often as allowed, the others once
+    assert sorted(p.name for p in (out / "shards").glob("*.tar")) == ["shard-000000.tar", "shard-000002.tar"]
+
+
+def test_auto_picks_and_says_why(tmp_path, memory_url, monkeypatch):
+    import tasks.shard_job as sj
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(sj, "_ray_running", lambda: False)
+    monkeypatch.setattr(sj.os, "cpu_count", lambda: 2)
+    job = Toy(str(tmp_path), [["a"]])
+    assert choose_executor("auto", job, 5) == ("processes", "one machine and no RAY_ADDRESS: a process pool "
+                                                            "(use --executor ray for Ray)")
+    assert choose_executor("auto", job, 1)[0] == "local"
+    assert choose_executor("auto", Toy(memory_url, [["a"]]), 5)[0] == "local"
+    assert choose_executor("local", job, 5) == ("local", "asked for")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert choose_executor("auto", job, 5) == ("ray", "RAY_ADDRESS is set")
+    with pytest.raises(ValueError, match="got 'spark'"):
+        choose_executor("spark", job, 5)
+    heard: list[str] = []
+    monkeypatch.delenv("RAY_ADDRESS")
+    run_shard_job(Toy(str(tmp_path / "o"), [["a"], ["b"]]), RunOptions(executor="auto", announce=heard.append))
+    assert heard == ["toy: executor processes (one machine and no RAY_ADDRESS: a process pool "
+                     "(use --executor ray for Ray))"]

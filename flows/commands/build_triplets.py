@@ -27,12 +27,15 @@ def build_triplets(
                                                  help="GPUs per inpainting actor"),
     resume: bool = typer.Option(False, "--resume", help="finish an unfinished run in --out"),
     executor: str = typer.Option(RunOptions.executor, "--executor",
-                                 help="ray (local Ray or RAY_ADDRESS) or local (this process)"),
+                                 help="auto, ray (local Ray or RAY_ADDRESS), processes (a pool on this "
+                                      "machine) or local (this process); auto says what it picked"),
     max_reject_share: Optional[float] = typer.Option(RunOptions.max_reject_share, "--max-reject-share",
                                                      help="fail a step above this share of rejects "
                                                           "(default: only when every input is rejected)"),
 ) -> None:
-    """Source images -> CnC triplets (fg, inpainted bg, mask, depth maps) on Ray."""
+    """Source images -> CnC triplets (fg, inpainted bg, mask, depth maps) on Ray.
+
+    ``--executor`` applies to the ingest step; the model stages run on Ray (``local``: in this process)."""
     from flows.run_options import run_options
     from flows.errors import fail, fail_with
     from tasks import storage
@@ -53,7 +56,8 @@ def build_triplets(
                             limit=limit, resume=resume, progress=True, executor=executor, run_options=options)
         typer.echo(f"ingest: {ingest.summary()}")
         result = run_triplets(ingest.out_url, storage.join(out, "triplets"), preset=preset, clip=clip,
-                              latents=latents, stages=stages, resume=resume, progress=True, executor=executor,
+                              latents=latents, stages=stages, resume=resume, progress=True,
+                              executor="ray" if executor == "processes" else executor,
                               run_options=options)
     except (SourceError, OutputConflict, OutputBusy, ShardJobFailed, TripletsInputError, OSError, ValueError) as exc:
         fail_with(exc)

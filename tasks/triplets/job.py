@@ -26,7 +26,8 @@ import numpy as np
 
 from tasks import storage
 from tasks.manifest import versions
-from tasks.shard_job import PROPAGATE, RunOptions, RunReport, Shard, ShardJob, describe, run_shard_job
+from tasks.shard_job import (PROPAGATE, RunOptions, RunReport, Shard, ShardJob, choose_executor, describe,
+                             run_shard_job)
 from tasks.shards import iter_tar_samples, read_index, shard_name, shard_urls
 from tasks.triplets import staging
 from tasks.triplets import resources as pools
@@ -160,11 +161,15 @@ class TripletsJob(ShardJob):
     ingest_manifest: dict[str, Any]
     kind: str = "build-triplets"
     unit: str = "img"
+    executors: tuple[str, ...] = ("ray", "local")
     stage_seconds: Counter = field(default_factory=Counter)
 
     @property
     def out_url(self) -> str:  # type: ignore[override]
         return self.cfg.out_url
+
+    def in_process_only(self) -> bool:
+        return any(u.startswith("memory://") for u in (self.cfg.ingest_url, self.cfg.out_url))
 
     def identity(self) -> dict[str, Any]:
         return self.cfg.identity()
@@ -205,9 +210,10 @@ def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: b
     t0 = time.perf_counter()
     cfg = TripletsConfig(ingest_url.rstrip("/"), out_url.rstrip("/"), preset, clip, latents, dict(stages or {}))
     ingest_manifest = _validate(cfg, executor)
+    job = TripletsJob(cfg, ingest_manifest)
+    executor, _why = choose_executor(executor, job)
     if executor == "ray":
         _plan_ray_pools(cfg, warn=True)  # a request that cannot fit fails here, before the output is claimed
-    job = TripletsJob(cfg, ingest_manifest)
     opts = replace(run_options or RunOptions(), executor=executor, resume=resume, progress=progress,
                    on_shard=(lambda row: on_shard(row["shard"])) if on_shard else None)
     result = run_shard_job(job, opts)
@@ -218,8 +224,8 @@ def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: b
 def _validate(cfg: TripletsConfig, executor: str) -> dict[str, Any]:
     from cnc_model.presets import get_preset
 
-    if executor not in ("ray", "local"):
-        raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
+    if executor not in ("auto", "ray", "local"):
+        raise ValueError(f"build-triplets runs on ray or local (or auto), not {executor!r}")
     if executor == "ray" and any(u.startswith("memory://") for u in (cfg.ingest_url, cfg.out_url)):
         raise ValueError("memory:// lives inside one process; Ray workers cannot see it (use executor='local')")
     get_preset(cfg.preset)
