@@ -128,3 +128,30 @@ def test_all_corpora_on_ray(tmp_path, monkeypatch):
         for sid, e in corpus.entries:
             if e.outcome == "sample":
                 check_sample(sid, e.checks, samples[sample_key(sid)])
+
+
+def test_hostile_local_folder_reads_nothing_outside_its_root_and_never_blocks(tmp_path):
+    """Links out of the root, FIFOs, devices and oversize files: each a reject with its reason,
+    the credentials file a caption links to reaches no output, and nothing blocks (the run happens
+    in a thread that must finish within a deadline)."""
+    import threading
+
+    from tests.fixtures.bad_inputs import SECRET, build_hostile_folder_corpus
+
+    corpus = build_hostile_folder_corpus(str(tmp_path / "src"), str(tmp_path / "outside"))
+    outcome: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: outcome.update(
+        run=run_corpus(corpus, str(tmp_path / "out"), executor="local")), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "ingest blocked on a special file"
+    result, rows, samples = outcome["run"]
+    expected = Counter((sid, e.outcome, e.reason) for sid, e in corpus.entries)
+    got = Counter((r["source_id"], "sample" if r["status"] == "ok" else "reject", r["reason"]) for r in rows)
+    assert got == expected
+    assert result.num_samples + result.num_rejects == result.num_inputs == len(corpus.entries)
+    secret = SECRET.encode()
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_bytes(), path
+    assert all(SECRET not in (r["caption"] or "") for r in rows)

@@ -89,6 +89,39 @@ def test_folder_validation_errors(memory_url, tmp_path):
         get_source("folder", str(tmp_path / "file.jpg")).validate()
 
 
+def test_folder_caps_bytes_read_per_file_on_object_stores_too(memory_url):
+    jpg = photo_jpeg()
+    write_folder(memory_url, {"small.jpg": jpg, "big.jpg": jpg + b"\0" * 5000, "long.jpg": jpg},
+                 {"long.jpg": "x" * 3000, "small.jpg": "short"})
+    source = get_source("folder", memory_url, max_file_bytes=len(jpg) + 100, max_caption_bytes=2000)
+    items = {i.source_id: i for i in source.load(["big.jpg", "long.jpg", "small.jpg"])}
+    assert items["big.jpg"].error == "file_too_large"
+    assert items["long.jpg"].error == "caption_file_too_large"
+    assert (items["small.jpg"].error, items["small.jpg"].image, items["small.jpg"].caption) == (None, jpg, "short")
+    assert source.describe()["options"] == {"max_file_bytes": len(jpg) + 100, "max_caption_bytes": 2000}
+    assert get_source("folder", memory_url).describe()["options"] == {}  # defaults keep old manifests equal
+
+
+def test_folder_unreadable_files_are_per_file_rejects(tmp_path, monkeypatch):
+    """EACCES on an image or on its caption rejects that item only (simulated: the tests run as root)."""
+    import errno
+    import os
+
+    jpg = photo_jpeg()
+    write_folder(str(tmp_path), {"a.jpg": jpg, "b.jpg": jpg, "c.jpg": jpg}, {"b.jpg": "b", "c.jpg": "c"})
+    real_open = os.open
+
+    def no_access(path, flags, *args):
+        if os.path.basename(path) in ("a.jpg", "c.txt"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_access)
+    items = list(get_source("folder", str(tmp_path)).load(["a.jpg", "b.jpg", "c.jpg"]))
+    assert [i.error for i in items] == ["read_error: PermissionError", None, "caption_read_error: PermissionError"]
+    assert (items[1].image, items[1].caption) == (jpg, "b")
+
+
 # ------------------------------------------------------------------------------- COCO-Stuff
 
 def test_caption_pick_is_deterministic_seeded_and_spread():
