@@ -216,18 +216,24 @@ def prepare_label_map(data: bytes, prepared: PreparedImage) -> bytes:
     if not data:
         raise RejectError("corrupt_label_map", "the label map has no bytes")
     try:
-        lab = Image.open(io.BytesIO(data), formats=("PNG",))
-        lab.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            lab = Image.open(io.BytesIO(data), formats=("PNG",))
     except Exception as exc:  # noqa: BLE001
         raise RejectError("corrupt_label_map", f"{type(exc).__name__}: {exc}"[:200]) from exc
     if lab.mode not in ("L", "P"):
         raise RejectError("corrupt_label_map", f"label map mode {lab.mode} (want 8-bit L or P)")
+    # the declared size is checked before any pixel is decoded: a label-map bomb costs nothing
     upright = (prepared.orig_width, prepared.orig_height)
-    if prepared.transpose is not None and lab.size == prepared.stored_size and lab.size != upright:
-        lab = lab.transpose(Image.Transpose(prepared.transpose))
-    if lab.size != upright:
+    if lab.size not in (upright, prepared.stored_size):
         raise RejectError("label_map_size_mismatch", f"label map {lab.size[0]}x{lab.size[1]} "
                                                      f"vs image {upright[0]}x{upright[1]}")
+    try:
+        lab.load()
+    except Exception as exc:  # noqa: BLE001
+        raise RejectError("corrupt_label_map", f"{type(exc).__name__}: {exc}"[:200]) from exc
+    if prepared.transpose is not None and lab.size == prepared.stored_size and lab.size != upright:
+        lab = lab.transpose(Image.Transpose(prepared.transpose))
     if lab.mode == "P":
         lab = Image.frombytes("L", lab.size, lab.tobytes())  # keep the raw indices, not the palette
     crop = lab.resize((prepared.width, prepared.height), Image.Resampling.NEAREST, box=prepared.crop_box)

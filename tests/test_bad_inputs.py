@@ -155,3 +155,25 @@ def test_hostile_local_folder_reads_nothing_outside_its_root_and_never_blocks(tm
         if path.is_file():
             assert secret not in path.read_bytes(), path
     assert all(SECRET not in (r["caption"] or "") for r in rows)
+
+
+def test_a_label_map_bomb_is_refused_before_its_pixels_are_decoded(monkeypatch):
+    from PIL import ImageFile
+
+    from tasks.imaging import prepare_label_map
+    from tests.fixtures.bad_inputs import bomb_png
+    from tests.fixtures.formats import photo_jpeg
+
+    prepared = prepare_image(photo_jpeg("rocket.jpg", (200, 150)), SIZE)
+    decoded: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def load(self):
+        decoded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    with pytest.raises(RejectError) as info:
+        prepare_label_map(bomb_png(12_000, 10_000), prepared)
+    assert info.value.reason == "label_map_size_mismatch"
+    assert (12_000, 10_000) not in decoded

@@ -196,6 +196,17 @@ def test_coco_validation_errors(memory_url):
         get_source("coco-stuff", memory_url, split="val2017").validate()
 
 
+@pytest.mark.parametrize(("name", "safe"), [
+    ("000000000009.jpg", True), ("sub/x.jpg", True), ("../x.jpg", False), ("a/../../x.jpg", False),
+    ("/etc/passwd", False), ("a//b.jpg", False), ("./a.jpg", False), ("a\\..\\b.jpg", False), ("a\x00.jpg", False),
+    ("", False), ("..", False),
+])
+def test_coco_file_names_must_stay_in_the_split_folder(name, safe):
+    from tasks.sources.coco_stuff import is_safe_file_name
+
+    assert is_safe_file_name(name) is safe
+
+
 # ------------------------------------------------------------------------------- Pick-a-Pic
 
 def test_row_verdict_keeps_only_the_preferred_image_of_a_clean_labelled_pair():
