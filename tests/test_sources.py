@@ -349,6 +349,36 @@ def test_webdataset_validation_errors(memory_url):
         get_source("webdataset", memory_url).validate()
 
 
+def test_webdataset_memory_stays_bounded_in_the_member_count(tmp_path):
+    """Listing and loading a tar of 10,000 one-file samples holds no header it has passed."""
+    import io
+    import tarfile
+    import tracemalloc
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("")
+        info.size = 1
+        for i in range(10_000):
+            info.name = f"{i:06d}.cls"
+            tar.addfile(info, io.BytesIO(b"7"))
+    (tmp_path / "many.tar").write_bytes(buf.getvalue())
+    del buf
+    source = get_source("webdataset", str(tmp_path))
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in source.list_refs())
+        listed_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        errors = {item.error for item in source.load([f"many.tar/{i:06d}" for i in range(0, 10_000, 7)])}
+        loaded_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 10_000 and errors == {"missing_image"}
+    # each retained TarInfo costs ~450 bytes: 10,000 of them would be ~4.5 MB
+    assert listed_peak < 1 << 20 and loaded_peak < 1 << 20, (listed_peak, loaded_peak)
+
+
 # ------------------------------------------------------------------------------------ on S3
 
 @pytest.fixture(scope="module")
