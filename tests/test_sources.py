@@ -273,13 +273,14 @@ def test_pickapic_reads_only_the_row_groups_it_needs(memory_url, monkeypatch):
     source = get_source("pickapic", memory_url)
     refs = list(source.list_refs())
     read = []
-    original = pq.ParquetFile.read_row_group
+    original = pq.ParquetFile.iter_batches
 
-    def spy(self, i, columns=None, **kwargs):
-        read.append((i, tuple(columns)))
-        return original(self, i, columns=columns, **kwargs)
+    def spy(self, batch_size=65536, row_groups=None, columns=None, **kwargs):
+        if row_groups is not None:
+            read.extend((i, tuple(columns)) for i in row_groups)
+        return original(self, batch_size=batch_size, row_groups=row_groups, columns=columns, **kwargs)
 
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
     items = list(source.load(refs[5:7]))
     assert [i.source_id for i in items] == refs[5:7]
     assert [g for g, _ in read] == [1]
@@ -288,6 +289,36 @@ def test_pickapic_reads_only_the_row_groups_it_needs(memory_url, monkeypatch):
     shuffled = [refs[9], refs[0], refs[10]]
     assert [i.source_id for i in source.load(shuffled)] == shuffled
     assert [g for g, _ in read] == [2, 0, 2]
+
+
+def test_pickapic_memory_does_not_grow_with_the_row_group(tmp_path):
+    """One row group of 160 pairs of 100 KB images: loading three rows decodes a few at a time."""
+    import os
+
+    import pyarrow as pa
+
+    blob = lambda i: os.urandom(100_000)  # noqa: E731
+    big = [PickapicPair(f"a photo number {i} of a cat", blob(i), blob(i), 1.0, 0.0) for i in range(160)]
+    from tests.fixtures.formats import PICKAPIC_SCHEMA, pickapic_row
+
+    table = pa.Table.from_pylist([pickapic_row(p, i) for i, p in enumerate(big)], schema=PICKAPIC_SCHEMA)
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=160, use_dictionary=["caption"],
+                   write_batch_size=8, data_page_size=256_000)
+    del table
+    source = get_source("pickapic", str(tmp_path))
+    refs = list(source.list_refs())
+    default = pa.default_memory_pool()
+    pool = _PROXY_POOLS.setdefault("pickapic", pa.proxy_memory_pool(default))  # outlives every buffer it made
+    pa.set_memory_pool(pool)
+    try:
+        items = list(source.load(refs[100:103]))
+    finally:
+        pa.set_memory_pool(default)
+    assert [i.image for i in items] == [big[i].jpg_0 for i in range(100, 103)]
+    assert pool.max_memory() < 8 << 20, pool.max_memory()  # the row group's image columns are 32 MB
+
+
+_PROXY_POOLS: dict = {}
 
 
 def test_pickapic_validation_errors(memory_url):
