@@ -132,14 +132,27 @@ def _to_rgb(img: Image.Image, flags: list[str]) -> Image.Image:
         arr = np.asarray(img)
         if arr.dtype != np.uint8:
             arr = arr.astype(np.int64)
-            if mode.startswith("I;16") or arr.max(initial=0) > 255:
-                arr = np.clip(arr, 0, 65535) >> 8
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi > 65535:  # 32-bit integers: stretch the range actually used
+                arr = (arr - lo) * 255 // max(hi - lo, 1)
+                flags.append("32bit_rescaled")
+            elif mode.startswith("I;16") or hi > 255:
+                arr = arr >> 8
                 flags.append("16bit")
             arr = arr.astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if mode == "F":
-        arr = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float32)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        # float images: [0, 1] is the usual convention, [0, 255] is kept, any other range is stretched
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo >= 0.0 and hi <= 1.0:
+            arr, flag = arr * 255.0, "float_unit_range"
+        elif lo >= 0.0 and hi <= 255.0:
+            flag = "float"
+        else:
+            arr, flag = (arr - lo) * (255.0 / max(hi - lo, 1e-12)), "float_rescaled"
+        flags.append(flag)
+        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")

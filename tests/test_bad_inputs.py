@@ -62,6 +62,10 @@ def check_sample(source_id: str, checks: dict[str, Any], s: dict[str, bytes]) ->
     if "like" in checks:  # a lossy round trip of a known photo: close to the photo's own crop
         ref = prepare_image(encode(photo(checks["like"], checks["orig_size"]), "PNG"), SIZE).jpeg
         assert np.abs(px - np.asarray(Image.open(io.BytesIO(ref)), dtype=np.int16)).mean() < 6
+    if "like_gray" in checks:  # a grayscale rendering of a known photo, whatever its pixel type
+        gray = photo(checks["like_gray"], checks["orig_size"]).convert("L")
+        ref = prepare_image(encode(gray, "PNG"), SIZE).jpeg
+        assert np.abs(px - np.asarray(Image.open(io.BytesIO(ref)), dtype=np.int16)).mean() < 6
     if "like_bytes" in checks:  # the exact bytes of preparing the chosen image
         assert s["jpg"] == prepare_image(checks["like_bytes"], SIZE).jpeg
     if checks.get("mask"):
