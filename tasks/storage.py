@@ -128,13 +128,13 @@ def _uncommitted(fs: fsspec.AbstractFileSystem, path: str, mode: str) -> Iterato
     fh = fs.open(path, mode, autocommit=False)
     try:
         yield fh
+        fh.close()  # uploads the last part, publishes nothing
+        fh.commit()
     except BaseException:
         with contextlib.suppress(Exception):
             fh.discard()  # s3fs: aborts the multipart upload
         fh.closed = True  # nothing may flush or commit it later (close() on garbage collection)
         raise
-    fh.close()
-    fh.commit()
 
 
 def fsync_dir(path: str) -> None:
