@@ -130,11 +130,23 @@ class FolderSource(Source):
             else:
                 # cat_ranges takes paths literally (no glob expansion of "[1].jpg"), is concurrent on
                 # async file systems such as s3, and reads at most the cap + 1 bytes of each file
-                ends = [self.max_file_bytes + 1] * len(images) + [self.max_caption_bytes + 1] * len(captions)
-                got = self._fs.cat_ranges(images + captions, [0] * len(ends), ends, on_error="return")
-                got = [_over_cap(g, cap - 1) for g, cap in zip(got, ends)]
+                paths = images + captions
+                caps = [self.max_file_bytes] * len(images) + [self.max_caption_bytes] * len(captions)
+                got = self._fs.cat_ranges(paths, [0] * len(caps), [c + 1 for c in caps], on_error="return")
+                got = [self._unranged(p, g, cap) if _range_refused(g) else _over_cap(g, cap)
+                       for p, g, cap in zip(paths, got, caps)]
             for i, ref in enumerate(batch):
                 yield self._item(ref, got[i], got[len(batch) + i])
+
+    def _unranged(self, path: str, error: Exception, max_bytes: int) -> Any:
+        """A ranged read refused (S3 answers 416 for any range of an empty object): size first, then whole."""
+        try:
+            size = self._fs.size(path)
+            if size is not None and size > max_bytes:
+                return Refused("file_too_large")
+            return b"" if size == 0 else _over_cap(self._fs.cat_file(path), max_bytes)
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            return error
 
     def _read_local(self, path: str, max_bytes: int) -> bytes | Exception:
         try:
@@ -162,6 +174,10 @@ class FolderSource(Source):
             return SourceItem(ref, error=f"caption_read_error: {type(caption).__name__}")
         text, flags = clean_caption(caption)
         return SourceItem(ref, image=image, caption=text, meta=caption_meta(flags))
+
+
+def _range_refused(got: Any) -> bool:
+    return isinstance(got, OSError) and not isinstance(got, (FileNotFoundError, PermissionError))
 
 
 def _over_cap(got: Any, max_bytes: int) -> Any:
