@@ -111,11 +111,13 @@ class SharedPipelineMixin:
         if isinstance(class_name, (list, tuple)) and len(class_name) == 2:
             module, name = class_name
             ours = {Path(cls.module_file()).stem, _PROJECT}
-            if name == cls.__name__ and isinstance(module, str) and (module in ours or module.startswith(_PROJECT + ".")):
+            ours_module = isinstance(module, str) and (module in ours or module.startswith(_PROJECT + "."))
+            if name == cls.__name__ and ours_module:
                 return cls.__name__
         elif class_name == cls.__name__:
             return cls.__name__
-        elif isinstance(class_name, str) and class_name.endswith("Pipeline") and hasattr(importlib.import_module("diffusers"), class_name):
+        elif isinstance(class_name, str) and class_name.endswith("Pipeline") and hasattr(
+                importlib.import_module("diffusers"), class_name):
             return class_name
         raise ValueError(f"{folder}: model_index.json names pipeline {class_name!r}, not {cls.__name__} or a diffusers "
                          "pipeline; no code is run from a model folder")

@@ -222,7 +222,8 @@ def _lightning_safe_globals() -> list:
     entries += [(type(np.dtype(t)), f"numpy.dtypes.{type(np.dtype(t)).__name__}")
                 for t in ("float64", "float32", "int64", "int32", "bool")]
     for package in ("pytorch_lightning", "lightning.pytorch"):
-        for module, cls in (("callbacks.model_checkpoint", "ModelCheckpoint"), ("callbacks.early_stopping", "EarlyStopping"),
+        for module, cls in (("callbacks.model_checkpoint", "ModelCheckpoint"),
+                            ("callbacks.early_stopping", "EarlyStopping"),
                             ("callbacks.lr_monitor", "LearningRateMonitor")):
             entries.append((type(cls, (_Inert,), {}), f"{package}.{module}.{cls}"))  # one stand-in per class
     for name in ("pytorch_lightning.utilities.parsing.AttributeDict", "lightning.fabric.utilities.data.AttributeDict",

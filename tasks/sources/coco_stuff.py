@@ -13,8 +13,8 @@ Inputs are the entries of the captions JSON's ``images`` list, listed by image i
 ``<split>/<file_name>``. An entry without an integer ``id`` and a string ``file_name`` is a
 ``bad_coco_entry`` reject, and a ``file_name`` that would leave ``images/<split>/`` (absolute,
 ``..``, backslash, NUL) an ``unsafe_file_name`` reject; both get the source id
-``<split>#images[<position in the list>]`` and are listed after the others. An id listed twice yields its ref twice, so the ingest plan turns the second
-into a ``duplicate_source_id`` reject. The caption is one of the image's captions (ordered by
+``<split>#images[<position in the list>]`` and are listed after the others. An id listed twice
+yields its ref twice, so the ingest plan turns the second into a ``duplicate_source_id`` reject. The caption is one of the image's captions (ordered by
 annotation id) picked by a seeded hash of the image id: random-looking, yet the same on every run.
 """
 

@@ -54,7 +54,8 @@ def test_a_lightning_ckpt_loads_into_the_fusers(tmp_path, monkeypatch):
     for got, want in ((local, expected_local), (global_, expected_global)):
         assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
     loaded = read_checkpoint(tmp_path / "cnc.ckpt")
-    assert loaded["global_step"] == 12000 and float(next(iter(loaded["callbacks"].values()))["best_model_score"]) == 0.25
+    callback_state = next(iter(loaded["callbacks"].values()))
+    assert loaded["global_step"] == 12000 and float(callback_state["best_model_score"]) == 0.25
 
 
 def test_safetensors_is_read_by_content_first(tmp_path):
