@@ -276,7 +276,7 @@ def test_pickapic_reads_only_the_row_groups_it_needs(memory_url, monkeypatch):
     original = pq.ParquetFile.iter_batches
 
     def spy(self, batch_size=65536, row_groups=None, columns=None, **kwargs):
-        if row_groups is not None:
+        if row_groups is not None and any(c.startswith("jpg_") for c in columns):  # the image reads
             read.extend((i, tuple(columns)) for i in row_groups)
         return original(self, batch_size=batch_size, row_groups=row_groups, columns=columns, **kwargs)
 
@@ -285,6 +285,10 @@ def test_pickapic_reads_only_the_row_groups_it_needs(memory_url, monkeypatch):
     assert [i.source_id for i in items] == refs[5:7]
     assert [g for g, _ in read] == [1]
     assert not {"image_0_url", "created_at", "user_id"} & set(read[0][1])
+    assert {c for c in read[0][1] if c.startswith("jpg_")} == {"jpg_0", "jpg_1"}  # rows 5 and 6 differ
+    read.clear()
+    assert [i.image for i in source.load([refs[4]])] == [photo_jpeg("astronaut.png", (96, 96))]  # row 4: side 1
+    assert [c for c in read[0][1] if c.startswith("jpg_")] == ["jpg_1"]  # only the preferred side's column
     read.clear()
     shuffled = [refs[9], refs[0], refs[10]]
     assert [i.source_id for i in source.load(shuffled)] == shuffled

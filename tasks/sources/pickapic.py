@@ -255,7 +255,14 @@ class PickapicSource(Source):
         starts = [0]
         for g in range(pf.metadata.num_row_groups):
             starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
-        columns = list(REQUIRED_COLUMNS) + [c for c in _META_COLUMNS if c in pf.schema_arrow.names]
+        columns = [c for c in REQUIRED_COLUMNS if not c.startswith("jpg_")]
+        columns += [c for c in _META_COLUMNS if c in pf.schema_arrow.names]
+        wanted: dict[int, set[int]] = {}  # row group -> its rows that need an image (refs with a uid)
+        for ref in refs:
+            _, row, uid = parse_ref(ref)
+            if uid is not None and 0 <= row < starts[-1]:
+                g = next(i for i in range(len(starts) - 1) if starts[i] <= row < starts[i + 1])
+                wanted.setdefault(g, set()).add(row - starts[g])
         group, batches, first, rows, broken = -1, iter(()), 0, [], None
         for ref in refs:
             _, row, uid = parse_ref(ref)
@@ -267,10 +274,11 @@ class PickapicSource(Source):
                 continue
             g = next(i for i in range(len(starts) - 1) if starts[i] <= row < starts[i + 1])
             local = row - starts[g]
-            if g != group or local < first:  # refs come in row order: each row group is streamed once
-                group, first, rows, broken = g, 0, [], None
-                batches = pf.iter_batches(batch_size=_LOAD_BATCH, row_groups=[g], columns=columns)
             try:
+                if g != group or local < first:  # refs come in row order: each row group is streamed once
+                    group, first, rows, broken = g, 0, [], None
+                    images = self._image_columns(pf, g, wanted.get(g, set()))
+                    batches = pf.iter_batches(batch_size=_LOAD_BATCH, row_groups=[g], columns=columns + images)
                 while broken is None and local >= first + len(rows):
                     first += len(rows)
                     rows = next(batches).to_pylist()
@@ -282,6 +290,22 @@ class PickapicSource(Source):
                 yield SourceItem(ref, error=broken)
                 continue
             yield self._item(ref, rows[local - first], uid)
+
+    def _image_columns(self, pf: pq.ParquetFile, group: int, rows: set[int]) -> list[str]:
+        """The image columns (``jpg_0``/``jpg_1``) the preferred sides of ``rows`` of ``group`` need,
+        found from the small verdict columns, so that a group of one-sided winners reads one image column."""
+        sides: set[int] = set()
+        pos = 0
+        for batch in pf.iter_batches(batch_size=8192, row_groups=[group], columns=_VERDICT_COLUMNS):
+            for r in batch.to_pylist():
+                if pos in rows:
+                    side, _, reason = self._verdict(r)
+                    if reason is None:
+                        sides.add(side)
+                pos += 1
+            if len(sides) == 2:
+                break
+        return [f"jpg_{side}" for side in sorted(sides)]
 
     def _item(self, ref: str, r: dict[str, Any], uid: str | None) -> SourceItem:
         side, got_uid, reason = self._verdict(r)
