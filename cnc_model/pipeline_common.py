@@ -1,10 +1,13 @@
-"""What the CnC and GLoD pipelines share beyond diffusers' ``DiffusionPipeline``: saving with a
-one-line module that lets ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` find
-the class, loading that module back without trusting anything else, CLIP text encoding as
-``StableDiffusionPipeline`` does it, and the scheduler's optional step arguments."""
+"""What the CnC and GLoD pipelines share beyond diffusers' ``DiffusionPipeline``: saving (with a
+one-line module for ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` users),
+loading without running any code from the folder (classes resolved by name from diffusers,
+transformers and ``cnc_model`` only), CLIP text encoding as ``StableDiffusionPipeline`` does it,
+and the scheduler's optional step arguments."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -12,6 +15,53 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+# Libraries whose classes a saved folder may name (besides diffusers' own pipeline modules, such
+# as ``stable_diffusion`` for SD's safety checker). Nothing is ever imported from the folder.
+_LIBRARIES = ("diffusers", "transformers")
+_PROJECT = "cnc_model"
+
+
+def _project_classes() -> dict[str, str]:
+    import cnc_model
+
+    return dict(cnc_model._LAZY)
+
+
+def _is_diffusers_pipeline_module(name: str) -> bool:
+    if not name.isidentifier():
+        return False
+    try:
+        return importlib.util.find_spec(f"diffusers.pipelines.{name}") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def safe_component_entry(folder: str, name: str, entry: Any) -> Any:
+    """The ``model_index.json`` entry of component ``name`` with project classes resolved by
+    class name to their current module (whatever module an older save named); ValueError
+    (one line) for anything outside diffusers, transformers and ``cnc_model``."""
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+        return entry  # not a component (a plain config value such as requires_safety_checker)
+    library, class_name = entry
+    if library is None and class_name is None:
+        return entry
+    if not isinstance(library, str) or not isinstance(class_name, str):
+        raise ValueError(f"{folder}: model_index.json entry {name!r} is not [library, class]: {entry!r}")
+    if library == _PROJECT or library.startswith(_PROJECT + "."):
+        if class_name not in _project_classes():
+            raise ValueError(f"{folder}: component {name!r} names {library}.{class_name}, which is not a "
+                             f"cnc_model class ({', '.join(_project_classes())})")
+        return [_project_classes()[class_name], class_name]
+    if library in _LIBRARIES:
+        if not hasattr(importlib.import_module(library), class_name):
+            raise ValueError(f"{folder}: component {name!r} names {library}.{class_name}, which {library} lacks")
+        return list(entry)
+    if _is_diffusers_pipeline_module(library):
+        return list(entry)
+    raise ValueError(f"{folder}: component {name!r} names {library}.{class_name}; only diffusers, transformers "
+                     "and cnc_model classes load (no code is run from a model folder)")
 
 
 class SharedPipelineMixin:
@@ -25,12 +75,13 @@ class SharedPipelineMixin:
     @classmethod
     def module_shim(cls) -> str:
         return (f'"""Lets `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` find {cls.__name__}."""\n'
-                f"from {cls.__module__} import {cls.__name__}  # noqa: F401\n")
+                f"from {_PROJECT} import {cls.__name__}  # noqa: F401\n")
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         **kwargs: Any) -> None:
-        """diffusers layout with safetensors weights, plus the one-line module that lets
-        ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` resolve this class."""
+        """diffusers layout with safetensors weights, plus the one-line module file that
+        ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` needs to find this class
+        (this class's own ``from_pretrained`` never imports it)."""
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
         index_path = Path(save_directory) / "model_index.json"
         index = json.loads(index_path.read_text())
@@ -39,17 +90,47 @@ class SharedPipelineMixin:
         (Path(save_directory) / self.module_file()).write_text(self.module_shim())
 
     @classmethod
+    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike | dict, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' ``load_config`` with the folder's class names checked and resolved (see
+        :func:`safe_component_entry`); the pipeline class is this one, so diffusers never takes
+        its custom-code path for a module file in the folder."""
+        got = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = got[0] if isinstance(got, tuple) else got
+        if isinstance(pretrained_model_name_or_path, dict) or not isinstance(config, dict):
+            return got
+        folder = str(pretrained_model_name_or_path)
+        config["_class_name"] = cls._checked_class_name(folder, config.get("_class_name"))
+        for name, entry in list(config.items()):
+            if not name.startswith("_"):
+                config[name] = safe_component_entry(folder, name, entry)
+        return got
+
+    @classmethod
+    def _checked_class_name(cls, folder: str, class_name: Any) -> str:
+        """``_class_name`` as diffusers' plain-name form: this class, or (GLoD on SD folders) a diffusers pipeline."""
+        if isinstance(class_name, (list, tuple)) and len(class_name) == 2:
+            module, name = class_name
+            ours = {Path(cls.module_file()).stem, _PROJECT}
+            ours_module = isinstance(module, str) and (module in ours or module.startswith(_PROJECT + "."))
+            if name == cls.__name__ and ours_module:
+                return cls.__name__
+        elif class_name == cls.__name__:
+            return cls.__name__
+        elif isinstance(class_name, str) and class_name.endswith("Pipeline") and hasattr(
+                importlib.import_module("diffusers"), class_name):
+            return class_name
+        raise ValueError(f"{folder}: model_index.json names pipeline {class_name!r}, not {cls.__name__} or a diffusers "
+                         "pipeline; no code is run from a model folder")
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-        """Load a saved pipeline. The folder's module file must be the one :meth:`save_pretrained`
-        writes (it only re-imports this class); anything else is refused unless
-        ``trust_remote_code=True`` is passed explicitly."""
-        module_file = Path(pretrained_model_name_or_path) / cls.module_file()
-        if "trust_remote_code" not in kwargs and module_file.is_file():
-            if module_file.read_text() != cls.module_shim():
-                raise ValueError(f"{module_file} is not the module {cls.__name__} writes; inspect it and pass "
-                                 "trust_remote_code=True")
-            kwargs["trust_remote_code"] = True
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        """Load a saved pipeline without running code from the folder: every class it names must be
+        a diffusers, transformers or ``cnc_model`` class (ValueError otherwise); folders saved
+        before the project's modules moved load too. ``trust_remote_code`` is refused."""
+        if kwargs.pop("trust_remote_code", False):
+            raise ValueError(f"{cls.__name__}.from_pretrained runs no remote code; use "
+                             "DiffusionPipeline.from_pretrained(dir, trust_remote_code=True) if you must")
+        return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=False, **kwargs)
 
     def encode_text(self, text: str | list[str], device: torch.device, max_length: int | None = None) -> torch.Tensor:
         """CLIP text embeddings ``(B, T, D)``, as StableDiffusionPipeline computes them."""

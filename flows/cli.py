@@ -62,9 +62,12 @@ def demo(
     out: str = typer.Option("demo-output", "--out", help="where the demo writes everything"),
 ) -> None:
     """Run the main job end to end on bundled sample photos with the tiny preset, through Prefect."""
-    from flows.demo import run_demo
+    from flows.demo import NotADemoOutput, run_demo
 
-    run_demo(out)
+    try:
+        run_demo(out)
+    except NotADemoOutput as exc:
+        fail(str(exc))
 
 
 def _register_commands() -> None:

@@ -27,13 +27,23 @@ def code_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+class NotADemoOutput(ValueError):
+    """``--out`` holds ingest/triplets folders the demo did not make: refused, never deleted."""
+
+
 def _start_over_if_stale(out: str) -> None:
+    """Keep a demo output made by this code; start one made by other demo code over. Folders
+    without the demo's stamp are not the demo's to delete: :class:`NotADemoOutput`."""
     stamp_url = storage.join(out, ".demo-code")
     stamp = code_fingerprint()
-    if storage.exists(stamp_url) and storage.read_bytes(stamp_url).decode() == stamp:
+    stamped = storage.exists(stamp_url)
+    if stamped and storage.read_bytes(stamp_url).decode() == stamp:
         return
     fs, root = storage.get_fs(out)
     stale = [p for p in ("ingest", "triplets") if fs.exists(f"{root}/{p}")]
+    if stale and not stamped:
+        raise NotADemoOutput(f"{out} holds {' and '.join(stale)} that the demo did not make (no .demo-code stamp); "
+                             "choose another --out or remove them yourself")
     if stale:
         print(f"demo: {out} was made by other code; starting {' and '.join(stale)} over")
         for p in stale:
@@ -45,11 +55,11 @@ def run_demo(out: str) -> dict[str, Any]:
     # The first start of the ephemeral server migrates a new SQLite database: give it time.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    out = os.path.abspath(out) if "://" not in out else out
+    _start_over_if_stale(out)
     from flows.params import BuildTripletsParams
     from flows.triplets_flow import build_triplets
 
-    out = os.path.abspath(out) if "://" not in out else out
-    _start_over_if_stale(out)
     sources = storage.join(out, "sources")
     write_sample_folder(sources)
     params = BuildTripletsParams(source_format="folder", source=sources, out=out, preset="tiny", size=128,

@@ -132,14 +132,27 @@ def _to_rgb(img: Image.Image, flags: list[str]) -> Image.Image:
         arr = np.asarray(img)
         if arr.dtype != np.uint8:
             arr = arr.astype(np.int64)
-            if mode.startswith("I;16") or arr.max(initial=0) > 255:
-                arr = np.clip(arr, 0, 65535) >> 8
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi > 65535:  # 32-bit integers: stretch the range actually used
+                arr = (arr - lo) * 255 // max(hi - lo, 1)
+                flags.append("32bit_rescaled")
+            elif mode.startswith("I;16") or hi > 255:
+                arr = arr >> 8
                 flags.append("16bit")
             arr = arr.astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if mode == "F":
-        arr = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float32)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        # float images: [0, 1] is the usual convention, [0, 255] is kept, any other range is stretched
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo >= 0.0 and hi <= 1.0:
+            arr, flag = arr * 255.0, "float_unit_range"
+        elif lo >= 0.0 and hi <= 255.0:
+            flag = "float"
+        else:
+            arr, flag = (arr - lo) * (255.0 / max(hi - lo, 1e-12)), "float_rescaled"
+        flags.append(flag)
+        return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
@@ -216,18 +229,24 @@ def prepare_label_map(data: bytes, prepared: PreparedImage) -> bytes:
     if not data:
         raise RejectError("corrupt_label_map", "the label map has no bytes")
     try:
-        lab = Image.open(io.BytesIO(data), formats=("PNG",))
-        lab.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            lab = Image.open(io.BytesIO(data), formats=("PNG",))
     except Exception as exc:  # noqa: BLE001
         raise RejectError("corrupt_label_map", f"{type(exc).__name__}: {exc}"[:200]) from exc
     if lab.mode not in ("L", "P"):
         raise RejectError("corrupt_label_map", f"label map mode {lab.mode} (want 8-bit L or P)")
+    # the declared size is checked before any pixel is decoded: a label-map bomb costs nothing
     upright = (prepared.orig_width, prepared.orig_height)
-    if prepared.transpose is not None and lab.size == prepared.stored_size and lab.size != upright:
-        lab = lab.transpose(Image.Transpose(prepared.transpose))
-    if lab.size != upright:
+    if lab.size not in (upright, prepared.stored_size):
         raise RejectError("label_map_size_mismatch", f"label map {lab.size[0]}x{lab.size[1]} "
                                                      f"vs image {upright[0]}x{upright[1]}")
+    try:
+        lab.load()
+    except Exception as exc:  # noqa: BLE001
+        raise RejectError("corrupt_label_map", f"{type(exc).__name__}: {exc}"[:200]) from exc
+    if prepared.transpose is not None and lab.size == prepared.stored_size and lab.size != upright:
+        lab = lab.transpose(Image.Transpose(prepared.transpose))
     if lab.mode == "P":
         lab = Image.frombytes("L", lab.size, lab.tobytes())  # keep the raw indices, not the palette
     crop = lab.resize((prepared.width, prepared.height), Image.Resampling.NEAREST, box=prepared.crop_box)

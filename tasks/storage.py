@@ -2,7 +2,8 @@
 
 Local paths, ``file://``, ``s3://`` (credentials from the environment, as s3fs reads them),
 ``memory://`` and anything else fsspec knows work the same way. Writes are atomic: an object
-store PUT is all-or-nothing by itself; on file systems we write a temporary sibling and rename.
+store PUT is all-or-nothing by itself (streams are written uncommitted and aborted on error); on
+file systems we write a temporary sibling, fsync it, rename it and fsync the folder.
 """
 
 from __future__ import annotations
@@ -84,28 +85,78 @@ def check_writable(url: str) -> None:
 def atomic_open(url: str, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open ``url`` for writing so that it appears whole or not at all.
 
-    The file is streamed (bounded memory). On error nothing is left at ``url``.
+    The file is streamed (bounded memory). On error nothing new is left at ``url`` and an object
+    already there is untouched: object stores write without autocommit and abort (a multipart
+    upload is aborted) unless the block ends normally; ``memory://`` (whose files are visible from
+    ``open``) and file systems write a temporary sibling and rename it. On local disks the file is
+    fsynced before the rename and its folder after, so a committed name never points at data a
+    power loss can take back.
     """
     fs, path = get_fs(url)
-    if protocol_of(fs) in _ATOMIC_PROTOCOLS:
-        with fs.open(path, mode) as fh:
+    proto = protocol_of(fs)
+    if proto in _ATOMIC_PROTOCOLS and proto != "memory":
+        with _uncommitted(fs, path, mode) as fh:
             yield fh
         return
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
     tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex}")
+    local = proto in ("file", "local")
     try:
-        with fs.open(tmp, mode) as fh:
-            yield fh
-        fs.mv(tmp, path)
+        if local:
+            with open(tmp, mode) as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            fsync_dir(parent or ".")
+        else:
+            with fs.open(tmp, mode) as fh:
+                yield fh
+            fs.mv(tmp, path)
     except BaseException:
         with contextlib.suppress(Exception):
             fs.rm_file(tmp)
         raise
 
 
+@contextlib.contextmanager
+def _uncommitted(fs: fsspec.AbstractFileSystem, path: str, mode: str) -> Iterator[IO[Any]]:
+    """An object-store file that is committed only if the block ends normally (fsspec's ``close``
+    alone would publish whatever was written so far)."""
+    fh = fs.open(path, mode, autocommit=False)
+    try:
+        yield fh
+        fh.close()  # uploads the last part, publishes nothing
+        fh.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fh.discard()  # s3fs: aborts the multipart upload
+        fh.closed = True  # nothing may flush or commit it later (close() on garbage collection)
+        raise
+
+
+def fsync_dir(path: str) -> None:
+    """Persist a rename or create inside local folder ``path`` (no-op where folders can't be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` atomically (one PUT on object stores, temp + fsync + rename on disks)."""
+    fs, path = get_fs(url)
+    if protocol_of(fs) in _ATOMIC_PROTOCOLS:
+        fs.pipe_file(path, data)
+        return
     with atomic_open(url, "wb") as fh:
         fh.write(data)
 

@@ -62,6 +62,10 @@ def check_sample(source_id: str, checks: dict[str, Any], s: dict[str, bytes]) ->
     if "like" in checks:  # a lossy round trip of a known photo: close to the photo's own crop
         ref = prepare_image(encode(photo(checks["like"], checks["orig_size"]), "PNG"), SIZE).jpeg
         assert np.abs(px - np.asarray(Image.open(io.BytesIO(ref)), dtype=np.int16)).mean() < 6
+    if "like_gray" in checks:  # a grayscale rendering of a known photo, whatever its pixel type
+        gray = photo(checks["like_gray"], checks["orig_size"]).convert("L")
+        ref = prepare_image(encode(gray, "PNG"), SIZE).jpeg
+        assert np.abs(px - np.asarray(Image.open(io.BytesIO(ref)), dtype=np.int16)).mean() < 6
     if "like_bytes" in checks:  # the exact bytes of preparing the chosen image
         assert s["jpg"] == prepare_image(checks["like_bytes"], SIZE).jpeg
     if checks.get("mask"):
@@ -128,3 +132,52 @@ def test_all_corpora_on_ray(tmp_path, monkeypatch):
         for sid, e in corpus.entries:
             if e.outcome == "sample":
                 check_sample(sid, e.checks, samples[sample_key(sid)])
+
+
+def test_hostile_local_folder_reads_nothing_outside_its_root_and_never_blocks(tmp_path):
+    """Links out of the root, FIFOs, devices and oversize files: each a reject with its reason,
+    the credentials file a caption links to reaches no output, and nothing blocks (the run happens
+    in a thread that must finish within a deadline)."""
+    import threading
+
+    from tests.fixtures.bad_inputs import SECRET, build_hostile_folder_corpus
+
+    corpus = build_hostile_folder_corpus(str(tmp_path / "src"), str(tmp_path / "outside"))
+    outcome: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: outcome.update(
+        run=run_corpus(corpus, str(tmp_path / "out"), executor="local")), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "ingest blocked on a special file"
+    result, rows, samples = outcome["run"]
+    expected = Counter((sid, e.outcome, e.reason) for sid, e in corpus.entries)
+    got = Counter((r["source_id"], "sample" if r["status"] == "ok" else "reject", r["reason"]) for r in rows)
+    assert got == expected
+    assert result.num_samples + result.num_rejects == result.num_inputs == len(corpus.entries)
+    secret = SECRET.encode()
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_bytes(), path
+    assert all(SECRET not in (r["caption"] or "") for r in rows)
+
+
+def test_a_label_map_bomb_is_refused_before_its_pixels_are_decoded(monkeypatch):
+    from PIL import ImageFile
+
+    from tasks.imaging import prepare_label_map
+    from tests.fixtures.bad_inputs import bomb_png
+    from tests.fixtures.formats import photo_jpeg
+
+    prepared = prepare_image(photo_jpeg("rocket.jpg", (200, 150)), SIZE)
+    decoded: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def load(self):
+        decoded.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    with pytest.raises(RejectError) as info:
+        prepare_label_map(bomb_png(12_000, 10_000), prepared)
+    assert info.value.reason == "label_map_size_mismatch"
+    assert (12_000, 10_000) not in decoded

@@ -89,6 +89,39 @@ def test_folder_validation_errors(memory_url, tmp_path):
         get_source("folder", str(tmp_path / "file.jpg")).validate()
 
 
+def test_folder_caps_bytes_read_per_file_on_object_stores_too(memory_url):
+    jpg = photo_jpeg()
+    write_folder(memory_url, {"small.jpg": jpg, "big.jpg": jpg + b"\0" * 5000, "long.jpg": jpg},
+                 {"long.jpg": "x" * 3000, "small.jpg": "short"})
+    source = get_source("folder", memory_url, max_file_bytes=len(jpg) + 100, max_caption_bytes=2000)
+    items = {i.source_id: i for i in source.load(["big.jpg", "long.jpg", "small.jpg"])}
+    assert items["big.jpg"].error == "file_too_large"
+    assert items["long.jpg"].error == "caption_file_too_large"
+    assert (items["small.jpg"].error, items["small.jpg"].image, items["small.jpg"].caption) == (None, jpg, "short")
+    assert source.describe()["options"] == {"max_file_bytes": len(jpg) + 100, "max_caption_bytes": 2000}
+    assert get_source("folder", memory_url).describe()["options"] == {}  # defaults keep old manifests equal
+
+
+def test_folder_unreadable_files_are_per_file_rejects(tmp_path, monkeypatch):
+    """EACCES on an image or on its caption rejects that item only (simulated: the tests run as root)."""
+    import errno
+    import os
+
+    jpg = photo_jpeg()
+    write_folder(str(tmp_path), {"a.jpg": jpg, "b.jpg": jpg, "c.jpg": jpg}, {"b.jpg": "b", "c.jpg": "c"})
+    real_open = os.open
+
+    def no_access(path, flags, *args):
+        if os.path.basename(path) in ("a.jpg", "c.txt"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_access)
+    items = list(get_source("folder", str(tmp_path)).load(["a.jpg", "b.jpg", "c.jpg"]))
+    assert [i.error for i in items] == ["read_error: PermissionError", None, "caption_read_error: PermissionError"]
+    assert (items[1].image, items[1].caption) == (jpg, "b")
+
+
 # ------------------------------------------------------------------------------- COCO-Stuff
 
 def test_caption_pick_is_deterministic_seeded_and_spread():
@@ -163,6 +196,17 @@ def test_coco_validation_errors(memory_url):
         get_source("coco-stuff", memory_url, split="val2017").validate()
 
 
+@pytest.mark.parametrize(("name", "safe"), [
+    ("000000000009.jpg", True), ("sub/x.jpg", True), ("../x.jpg", False), ("a/../../x.jpg", False),
+    ("/etc/passwd", False), ("a//b.jpg", False), ("./a.jpg", False), ("a\\..\\b.jpg", False), ("a\x00.jpg", False),
+    ("", False), ("..", False),
+])
+def test_coco_file_names_must_stay_in_the_split_folder(name, safe):
+    from tasks.sources.coco_stuff import is_safe_file_name
+
+    assert is_safe_file_name(name) is safe
+
+
 # ------------------------------------------------------------------------------- Pick-a-Pic
 
 def test_row_verdict_keeps_only_the_preferred_image_of_a_clean_labelled_pair():
@@ -229,21 +273,56 @@ def test_pickapic_reads_only_the_row_groups_it_needs(memory_url, monkeypatch):
     source = get_source("pickapic", memory_url)
     refs = list(source.list_refs())
     read = []
-    original = pq.ParquetFile.read_row_group
+    original = pq.ParquetFile.iter_batches
 
-    def spy(self, i, columns=None, **kwargs):
-        read.append((i, tuple(columns)))
-        return original(self, i, columns=columns, **kwargs)
+    def spy(self, batch_size=65536, row_groups=None, columns=None, **kwargs):
+        if row_groups is not None and any(c.startswith("jpg_") for c in columns):  # the image reads
+            read.extend((i, tuple(columns)) for i in row_groups)
+        return original(self, batch_size=batch_size, row_groups=row_groups, columns=columns, **kwargs)
 
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
     items = list(source.load(refs[5:7]))
     assert [i.source_id for i in items] == refs[5:7]
     assert [g for g, _ in read] == [1]
     assert not {"image_0_url", "created_at", "user_id"} & set(read[0][1])
+    assert {c for c in read[0][1] if c.startswith("jpg_")} == {"jpg_0", "jpg_1"}  # rows 5 and 6 differ
+    read.clear()
+    assert [i.image for i in source.load([refs[4]])] == [photo_jpeg("astronaut.png", (96, 96))]  # row 4: side 1
+    assert [c for c in read[0][1] if c.startswith("jpg_")] == ["jpg_1"]  # only the preferred side's column
     read.clear()
     shuffled = [refs[9], refs[0], refs[10]]
     assert [i.source_id for i in source.load(shuffled)] == shuffled
     assert [g for g, _ in read] == [2, 0, 2]
+
+
+def test_pickapic_memory_does_not_grow_with_the_row_group(tmp_path):
+    """One row group of 160 pairs of 100 KB images: loading three rows decodes a few at a time."""
+    import os
+
+    import pyarrow as pa
+
+    blob = lambda i: os.urandom(100_000)  # noqa: E731
+    big = [PickapicPair(f"a photo number {i} of a cat", blob(i), blob(i), 1.0, 0.0) for i in range(160)]
+    from tests.fixtures.formats import PICKAPIC_SCHEMA, pickapic_row
+
+    table = pa.Table.from_pylist([pickapic_row(p, i) for i, p in enumerate(big)], schema=PICKAPIC_SCHEMA)
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=160, use_dictionary=["caption"],
+                   write_batch_size=8, data_page_size=256_000)
+    del table
+    source = get_source("pickapic", str(tmp_path))
+    refs = list(source.list_refs())
+    default = pa.default_memory_pool()
+    pool = _PROXY_POOLS.setdefault("pickapic", pa.proxy_memory_pool(default))  # outlives every buffer it made
+    pa.set_memory_pool(pool)
+    try:
+        items = list(source.load(refs[100:103]))
+    finally:
+        pa.set_memory_pool(default)
+    assert [i.image for i in items] == [big[i].jpg_0 for i in range(100, 103)]
+    assert pool.max_memory() < 8 << 20, pool.max_memory()  # the row group's image columns are 32 MB
+
+
+_PROXY_POOLS: dict = {}
 
 
 def test_pickapic_validation_errors(memory_url):
@@ -303,6 +382,36 @@ def test_webdataset_validation_errors(memory_url):
     storage.write_bytes(f"{memory_url}/x.tar", b"not a tar" * 100)
     with pytest.raises(SourceError, match="not a tar"):
         get_source("webdataset", memory_url).validate()
+
+
+def test_webdataset_memory_stays_bounded_in_the_member_count(tmp_path):
+    """Listing and loading a tar of 10,000 one-file samples holds no header it has passed."""
+    import io
+    import tarfile
+    import tracemalloc
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("")
+        info.size = 1
+        for i in range(10_000):
+            info.name = f"{i:06d}.cls"
+            tar.addfile(info, io.BytesIO(b"7"))
+    (tmp_path / "many.tar").write_bytes(buf.getvalue())
+    del buf
+    source = get_source("webdataset", str(tmp_path))
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in source.list_refs())
+        listed_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        errors = {item.error for item in source.load([f"many.tar/{i:06d}" for i in range(0, 10_000, 7)])}
+        loaded_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert count == 10_000 and errors == {"missing_image"}
+    # each retained TarInfo costs ~450 bytes: 10,000 of them would be ~4.5 MB
+    assert listed_peak < 1 << 20 and loaded_peak < 1 << 20, (listed_peak, loaded_peak)
 
 
 # ------------------------------------------------------------------------------------ on S3

@@ -16,6 +16,7 @@ Key layout of the LDM local adapter (``L`` = ResBlocks per level, ``n`` = levels
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -188,23 +189,89 @@ def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str,
     module.load_state_dict(state_dict, strict=not allow_missing)
 
 
+class _Inert:
+    """Stands in for a class a Lightning checkpoint names beside the weights (a callback used as a
+    dict key, a hyper-parameter namespace): built with its state as data, no code of it runs."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+    def __hash__(self) -> int:
+        return id(type(self))
+
+
+@functools.lru_cache(maxsize=1)
+def _lightning_safe_globals() -> list:
+    """The globals (beyond torch's own weights-only set) that PyTorch Lightning checkpoints carry:
+    numpy scalars and dtypes in callback states, callback classes as keys, hyper-parameter
+    containers. Lightning classes are replaced by inert stand-ins; nothing else unpickles."""
+    import argparse
+
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import scalar
+    entries: list = [np.dtype, argparse.Namespace]
+    for name in ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"):
+        entries.append((scalar, name))  # files written under numpy 1 or 2
+    entries += [(type(np.dtype(t)), f"numpy.dtypes.{type(np.dtype(t)).__name__}")
+                for t in ("float64", "float32", "int64", "int32", "bool")]
+    for package in ("pytorch_lightning", "lightning.pytorch"):
+        for module, cls in (("callbacks.model_checkpoint", "ModelCheckpoint"),
+                            ("callbacks.early_stopping", "EarlyStopping"),
+                            ("callbacks.lr_monitor", "LearningRateMonitor")):
+            entries.append((type(cls, (_Inert,), {}), f"{package}.{module}.{cls}"))  # one stand-in per class
+    for name in ("pytorch_lightning.utilities.parsing.AttributeDict", "lightning.fabric.utilities.data.AttributeDict",
+                 "lightning_fabric.utilities.data.AttributeDict"):
+        entries.append((dict, name))  # hyper-parameters come back as a plain dict
+    return entries
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint file as a dict, without running code from it: safetensors (by content, any
+    extension) first; otherwise ``torch.load(weights_only=True)`` with only the extra globals a
+    PyTorch Lightning ``.ckpt`` needs (:func:`_lightning_safe_globals`). Anything else is a
+    one-line ValueError naming the global it wanted."""
+    import pickle
+
+    path = str(path)
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if path.endswith(".safetensors") or (len(head) == 9 and head[8:9] == b"{"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        with torch.serialization.safe_globals(_lightning_safe_globals()):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if "WeightsUnpickler error" in line]
+        detail = (after or [line for line in lines if "GLOBAL" in line] or lines or [type(exc).__name__])[0]
+        raise ValueError(f"{path}: refused to unpickle ({detail}); only tensors, containers and the "
+                         "globals of a Lightning checkpoint load") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: holds a {type(loaded).__name__}, not a state dict or a Lightning checkpoint")
+    return loaded
+
+
 def load_cnc_checkpoint(
     checkpoint: str | os.PathLike | dict[str, torch.Tensor],
     local_fuser: nn.Module | None = None,
     global_fuser: nn.Module | None = None,
     from_uni_controlnet: bool = False,
 ) -> ConvertedCheckpoint:
-    """Convert ``checkpoint`` (a path to a ``.ckpt``/``.pth``/``.safetensors`` or a state dict)
+    """Convert ``checkpoint`` (a path to a ``.ckpt``/``.pth``/``.safetensors``, read by
+    :func:`read_checkpoint` without unpickling code, or a state dict)
     and load it into the given fusers. A Uni-ControlNet local adapter initialises the UNet copy
     and FDN layers only (``from_uni_controlnet=True``), leaving the depth encoder as it is."""
     if not isinstance(checkpoint, dict):
-        path = str(checkpoint)
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            checkpoint = load_file(path)
-        else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(checkpoint)
     converted = convert_cnc_checkpoint(checkpoint, skip_feature_extractor=from_uni_controlnet)
     if local_fuser is not None:
         if converted.local_fuser is None:

@@ -75,8 +75,8 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "GLoDPipeline":
         """Load a saved GLoD pipeline, or the SD parts of any Stable Diffusion 1.x folder / hub id
-        (its safety checker and feature extractor are not loaded). A folder's ``pipeline_glod.py``
-        must be the one :meth:`save_pretrained` writes unless ``trust_remote_code=True`` is passed."""
+        (its safety checker and feature extractor are not loaded). No code from the folder runs:
+        see :meth:`SharedPipelineMixin.from_pretrained`."""
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):

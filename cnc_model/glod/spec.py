@@ -35,6 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Weight = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 """A number (int or float), never a string or a bool, never NaN/inf."""
 Pixels = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+MAX_SIDE = 4096
+"""Largest spec width/height (and mask side): SD 1.x at 4096 px already needs tens of GB."""
+MAX_MASK_BYTES = 64 << 20
 
 
 class SpecError(ValueError):
@@ -114,8 +117,8 @@ class LayoutGuidance(_Strict):
 class GLoDSpec(_Strict):
     """Everything GLoD needs besides the model and the sampler settings."""
 
-    width: int = Field(default=512, strict=True, gt=0)
-    height: int = Field(default=512, strict=True, gt=0)
+    width: int = Field(default=512, strict=True, gt=0, le=MAX_SIDE)
+    height: int = Field(default=512, strict=True, gt=0, le=MAX_SIDE)
     negative_prompt: str = ""
     global_prompts: list[GlobalPrompt] = Field(min_length=1)
     local_prompts: list[LocalPrompt] = Field(default_factory=list)
@@ -201,7 +204,7 @@ def _cross_field_errors_of_raw(data: dict) -> list[str]:
             return None
 
     sizes = [data.get(k, 512) for k in ("width", "height")]
-    width, height = (sizes if all(type(v) is int and v > 0 for v in sizes) else (None, None))
+    width, height = (sizes if all(type(v) is int and 0 < v <= MAX_SIDE for v in sizes) else (None, None))
     globals_ = data.get("global_prompts")
     parsed = [valid(GlobalPrompt, g) for g in globals_] if isinstance(globals_, list) and globals_ else [None]
     global_texts = None if None in parsed else [g.text for g in parsed]
@@ -257,8 +260,9 @@ def parse_spec(data: Any, source: str = "<dict>") -> GLoDSpec:
 
 
 def load_spec(path: str | Path) -> GLoDSpec:
-    """Read and validate a YAML (``.yaml``/``.yml``) or JSON spec file; mask paths in it are made
-    relative to the file's folder. Raises SpecError (bad content) or OSError (unreadable)."""
+    """Read and validate a YAML (``.yaml``/``.yml``) or JSON spec file; mask paths in it are
+    relative to the file's folder and must stay inside it (no absolute paths, no ``..`` or links
+    out). Raises SpecError (bad content) or OSError (unreadable)."""
     import yaml
 
     path = Path(path)
@@ -269,27 +273,56 @@ def load_spec(path: str | Path) -> GLoDSpec:
         raise SpecError(f"invalid GLoD spec {path}: cannot parse: {str(exc).splitlines()[0]}") from None
     spec = parse_spec(data, str(path))
     if any(lp.mask is not None for lp in spec.local_prompts):
-        locals_ = [lp.model_copy(update={"mask": str(path.parent / lp.mask)}) if lp.mask is not None
-                   and not Path(lp.mask).is_absolute() else lp for lp in spec.local_prompts]
+        root = path.parent.resolve()
+        lines = []
+        for i, lp in enumerate(spec.local_prompts):
+            if lp.mask is not None and not _inside(root, lp.mask):
+                lines.append(f"  local_prompts.{i}.mask: {lp.mask} is not inside the spec's folder {root}")
+        if lines:
+            raise SpecError("\n".join([f"invalid GLoD spec {path}:", *lines]))
+        locals_ = [lp.model_copy(update={"mask": str(path.parent / lp.mask)}) if lp.mask is not None else lp
+                   for lp in spec.local_prompts]
         spec = spec.model_copy(update={"local_prompts": locals_})
         check_masks(spec, str(path))
     return spec
 
 
+def _inside(root: Path, relative: str) -> bool:
+    """True if ``relative`` names a path under ``root`` after resolving ``..`` and symlinks."""
+    if not relative or "\x00" in relative or Path(relative).is_absolute():
+        return False
+    return (root / relative).resolve().is_relative_to(root)
+
+
 def check_masks(spec: GLoDSpec, source: str = "<dict>") -> None:
-    """Raise SpecError naming every ``local_prompts.<i>.mask`` that is not a readable image."""
+    """Raise SpecError naming every ``local_prompts.<i>.mask`` that is not a readable image
+    (a regular file of at most :data:`MAX_MASK_BYTES`, sides at most :data:`MAX_SIDE`)."""
+    import os
+    import stat
+
     import PIL.Image
 
     lines = []
     for i, local in enumerate(spec.local_prompts):
         if local.mask is None:
             continue
+        where = f"  local_prompts.{i}.mask:"
         try:
+            st = os.stat(local.mask)
+            if not stat.S_ISREG(st.st_mode):
+                lines.append(f"{where} {local.mask} is not a regular file")
+                continue
+            if st.st_size > MAX_MASK_BYTES:
+                lines.append(f"{where} {local.mask} is larger than {MAX_MASK_BYTES} bytes")
+                continue
             with PIL.Image.open(local.mask) as img:
+                if max(img.size) > MAX_SIDE:
+                    lines.append(f"{where} {local.mask} is {img.size[0]}x{img.size[1]}, above {MAX_SIDE} px a side")
+                    continue
                 img.verify()
         except FileNotFoundError:
-            lines.append(f"  local_prompts.{i}.mask: no such file {local.mask}")
-        except (OSError, PIL.UnidentifiedImageError, SyntaxError) as exc:
-            lines.append(f"  local_prompts.{i}.mask: {local.mask} is not a readable image ({exc})")
+            lines.append(f"{where} no such file {local.mask}")
+        except (OSError, PIL.UnidentifiedImageError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
+            lines.append(f"{where} {local.mask} is not a readable image ({exc})")
     if lines:
         raise SpecError("\n".join([f"invalid GLoD spec {source}:", *lines]))

@@ -10,8 +10,11 @@ The label maps may also sit where the COCO-Stuff README unzips them, ``annotatio
 (``label_dir="annotations"``); by default ``stuffthingmaps/`` is used when it exists, else that.
 
 Inputs are the entries of the captions JSON's ``images`` list, listed by image id; the source id is
-``<split>/<file_name>``. An id listed twice yields its ref twice, so the ingest plan turns the second
-into a ``duplicate_source_id`` reject. The caption is one of the image's captions (ordered by
+``<split>/<file_name>``. An entry without an integer ``id`` and a string ``file_name`` is a
+``bad_coco_entry`` reject, and a ``file_name`` that would leave ``images/<split>/`` (absolute,
+``..``, backslash, NUL) an ``unsafe_file_name`` reject; both get the source id
+``<split>#images[<position in the list>]`` and are listed after the others. An id listed twice
+yields its ref twice, so the ingest plan turns the second into a ``duplicate_source_id`` reject. The caption is one of the image's captions (ordered by
 annotation id) picked by a seeded hash of the image id: random-looking, yet the same on every run.
 """
 
@@ -38,6 +41,23 @@ def pick_caption_index(image_id: int, n: int, seed: int = 0) -> int:
     """Deterministic 'random' choice of one of ``n`` captions for ``image_id``."""
     digest = hashlib.sha1(f"{seed}:{image_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % n
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_safe_file_name(name: str) -> bool:
+    """True if ``name`` stays inside the split folder: relative, normalised, no ``..``, no NUL or backslash."""
+    return (bool(name) and not name.startswith("/") and "\\" not in name and "\x00" not in name
+            and posixpath.normpath(name) == name and ".." not in name.split("/"))
+
+
+def entry_problem(img: Any) -> str | None:
+    """The reject reason of one ``images`` entry of the captions JSON, or None if it is usable."""
+    if not isinstance(img, dict) or not _is_id(img.get("id")) or not isinstance(img.get("file_name"), str):
+        return "bad_coco_entry"
+    return None if is_safe_file_name(img["file_name"]) else "unsafe_file_name"
 
 
 class CocoStuffSource(Source):
@@ -118,16 +138,25 @@ class CocoStuffSource(Source):
         except (ValueError, KeyError, TypeError) as exc:
             raise SourceError(f"coco-stuff source {self.url!r}: captions JSON is not in the COCO captions schema "
                               f"({type(exc).__name__}: {exc})") from exc
+        if not isinstance(images, list) or not isinstance(annotations, list):
+            raise SourceError(f"coco-stuff source {self.url!r}: captions JSON 'images'/'annotations' are not lists")
         captions: dict[int, list[tuple[int, str]]] = {}
         for ann in annotations:
-            captions.setdefault(ann["image_id"], []).append((ann.get("id", 0), ann.get("caption")))
+            if isinstance(ann, dict) and _is_id(ann.get("image_id")):
+                ann_id = ann.get("id", 0)
+                captions.setdefault(ann["image_id"], []).append((ann_id if _is_id(ann_id) else 0, ann.get("caption")))
         by_file: dict[str, int] = {}
         order: list[tuple[int, str]] = []
-        for img in images:
+        bad: dict[str, str] = {}
+        for i, img in enumerate(images):
+            reason = entry_problem(img)
+            if reason is not None:
+                bad[f"{self.split}#images[{i}]"] = reason
+                continue
             by_file.setdefault(img["file_name"], img["id"])
             order.append((img["id"], img["file_name"]))
         order.sort()
-        index = {"order": order, "by_file": by_file,
+        index = {"order": order, "by_file": by_file, "bad": bad,
                  "captions": {k: [c for _, c in sorted(v, key=lambda t: t[0])] for k, v in captions.items()}}
         with _CACHE_LOCK:
             _CACHE[key] = index
@@ -137,20 +166,28 @@ class CocoStuffSource(Source):
 
     # ------------------------------------------------------------------------------ reading
     def list_refs(self) -> Iterator[str]:
-        for _, file_name in self._index()["order"]:
+        index = self._index()
+        for _, file_name in index["order"]:
             yield f"{self.split}/{file_name}"
+        yield from index["bad"]  # entries that name no readable file, in JSON order, as rejects
 
     def load(self, refs: Sequence[str]) -> Iterator[SourceItem]:
         index = self._index()
         for start in range(0, len(refs), _BATCH):
             batch = list(refs[start:start + _BATCH])
-            names = [r.split("/", 1)[1] if "/" in r else r for r in batch]
-            image_paths = [f"{self._root}/images/{self.split}/{n}" for n in names]
+            names = [r.split("/", 1)[1] if r.startswith(f"{self.split}/") else None for r in batch]
+            readable = [i for i, n in enumerate(names) if n is not None and is_safe_file_name(n)]
+            image_paths = [f"{self._root}/images/{self.split}/{names[i]}" for i in readable]
             label_root = f"{self._root}/{self.label_dir}/{self.split}"
-            label_paths = [f"{label_root}/{posixpath.splitext(n)[0]}.png" for n in names]
-            got = self._fs.cat_ranges(image_paths + label_paths, None, None, on_error="return")
+            label_paths = [f"{label_root}/{posixpath.splitext(names[i])[0]}.png" for i in readable]
+            got = self._fs.cat_ranges(image_paths + label_paths, None, None, on_error="return") if readable else []
+            slot = {i: k for k, i in enumerate(readable)}
             for i, (ref, name) in enumerate(zip(batch, names)):
-                yield self._item(ref, name, got[i], got[len(batch) + i], index)
+                if i not in slot:
+                    yield SourceItem(ref, error=index["bad"].get(ref, "unsafe_file_name"))
+                    continue
+                k = slot[i]
+                yield self._item(ref, name, got[k], got[len(readable) + k], index)
 
     def _item(self, ref: str, name: str, image: Any, label: Any, index: dict[str, Any]) -> SourceItem:
         image_id = index["by_file"].get(name)

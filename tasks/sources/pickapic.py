@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks import storage
@@ -34,6 +35,11 @@ from tasks.sources.captions import caption_meta, clean_caption
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "has_label", "image_0_uid", "image_1_uid")
 _VERDICT_COLUMNS = ["caption", "has_label", "label_0", "label_1", "image_0_uid", "image_1_uid"]
 _META_COLUMNS = ("ranking_id", "model_0", "model_1")
+FILE_REF = ":file"  # suffix of the one ref of a file that cannot be read as Pick-a-Pic rows
+_LOAD_BATCH = 16  # rows decoded at a time (two images each): memory does not grow with row-group size
+_READ_BUFFER = 1 << 20  # stream column pages through a buffer instead of reading whole column chunks
+# errors of a corrupt file rather than of the storage under it (those stay errors: the shard is retried)
+_TRANSIENT = (FileNotFoundError, PermissionError, ConnectionError, TimeoutError)
 
 # Prompt words that mark a row as inappropriate: sexual content and nudity, terms that invite
 # sexualised depictions of people, violence and gore, drugs. Same mechanism as the CnC reference
@@ -69,6 +75,31 @@ def is_nsfw_prompt(caption: str, words: frozenset[str] = NSFW_PROMPT_WORDS) -> b
     return any(len(w) == 1 and not w.isascii() and w in caption for w in words)
 
 
+def schema_problem(schema: pa.Schema) -> str | None:
+    """Why a parquet file's columns are not Pick-a-Pic's (missing, or of the wrong type), or None."""
+    names = set(schema.names)
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        return f"lacks column(s) {', '.join(missing)}"
+    kinds = {"caption": _is_text, "image_0_uid": _is_text, "image_1_uid": _is_text,
+             "jpg_0": _is_bytes, "jpg_1": _is_bytes, "label_0": _is_number, "label_1": _is_number,
+             "has_label": lambda t: pa.types.is_boolean(t) or pa.types.is_integer(t)}
+    wrong = [f"{c} is {schema.field(c).type}" for c, ok in kinds.items() if not ok(schema.field(c).type)]
+    return f"wrong column type(s): {', '.join(wrong)}" if wrong else None
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+
+
+def _is_bytes(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_null(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
+
+
 def row_verdict(row: dict[str, Any], *, nsfw_filter: bool = True, min_caption_words: int = 3,
                 nsfw_words: frozenset[str] = NSFW_PROMPT_WORDS) -> tuple[int | None, str | None, str | None]:
     """(preferred side 0/1, its image uid, reject reason) for one row; side/uid None when rejected."""
@@ -93,7 +124,9 @@ def row_verdict(row: dict[str, Any], *, nsfw_filter: bool = True, min_caption_wo
 
 
 def parse_ref(ref: str) -> tuple[str, int, str | None]:
-    """``file:row[:uid]`` -> (file, row, uid or None)."""
+    """``file:row[:uid]`` -> (file, row, uid or None); ``file:file`` (a whole unreadable file) -> (file, -1, None)."""
+    if ref.endswith(FILE_REF):
+        return ref[: -len(FILE_REF)], -1, None
     parts = ref.rsplit(":", 2)
     if len(parts) == 3 and parts[1].isdigit():
         return parts[0], int(parts[1]), parts[2]
@@ -139,7 +172,17 @@ class PickapicSource(Source):
     @contextlib.contextmanager
     def _open(self, rel: str) -> Iterator[pq.ParquetFile]:
         with self._fs.open(self._path(rel), "rb") as fh:
-            yield pq.ParquetFile(fh)
+            yield pq.ParquetFile(fh, buffer_size=_READ_BUFFER, pre_buffer=False)
+
+    def _file_problem(self, rel: str) -> str | None:
+        """Why file ``rel`` cannot be read as Pick-a-Pic rows (not parquet, wrong columns), or None."""
+        try:
+            with self._open(rel) as pf:
+                return schema_problem(pf.schema_arrow)
+        except _TRANSIENT:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            return f"not a parquet file ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
 
     def validate(self) -> None:
         if not self._fs.exists(self._root):
@@ -147,33 +190,38 @@ class PickapicSource(Source):
         files = self._files()
         if not files:
             raise SourceError(f"pickapic source {self.url!r} holds no .parquet files")
-        for rel in files:
-            try:
-                with self._open(rel) as pf:
-                    names = set(pf.schema_arrow.names)
-            except Exception as exc:  # noqa: BLE001
-                raise SourceError(f"pickapic source: {self._display(rel)} is not a parquet file ({exc})") from exc
-            missing = [c for c in REQUIRED_COLUMNS if c not in names]
-            if missing:
-                raise SourceError(f"pickapic source: {self._display(rel)} lacks column(s) {', '.join(missing)}")
+        problems = {rel: self._file_problem(rel) for rel in files}
+        if all(problems.values()):  # one bad file among good ones is a reject; all bad is a wrong source
+            rel, problem = next(iter(problems.items()))
+            raise SourceError(f"pickapic source: {self._display(rel)} {problem}")
         if next(self.list_refs(), None) is None:
             raise SourceError(f"pickapic source {self.url!r} has no rows")
 
     # ----------------------------------------------------------------------------- listing
     def list_refs(self) -> Iterator[str]:
+        """One ref per row; a file that is not Pick-a-Pic parquet, or that breaks off while being
+        listed, adds one ``<file>:file`` ref (a ``corrupt_parquet`` / ``bad_parquet_schema`` reject)."""
         first_ref_of_uid: dict[str, str] = {}
         for rel in self._files():
             name = self._display(rel)
+            if self._file_problem(rel) is not None:
+                yield f"{name}{FILE_REF}"
+                continue
             row = 0
-            with self._open(rel) as pf:
-                for batch in pf.iter_batches(batch_size=8192, columns=_VERDICT_COLUMNS):
-                    for r in batch.to_pylist():
-                        _, uid, reason = self._verdict(r)
-                        if reason is not None:
-                            yield f"{name}:{row}"
-                        else:
-                            yield first_ref_of_uid.setdefault(uid, f"{name}:{row}:{uid}")
-                        row += 1
+            try:
+                with self._open(rel) as pf:
+                    for batch in pf.iter_batches(batch_size=8192, columns=_VERDICT_COLUMNS):
+                        for r in batch.to_pylist():
+                            _, uid, reason = self._verdict(r)
+                            if reason is not None:
+                                yield f"{name}:{row}"
+                            else:
+                                yield first_ref_of_uid.setdefault(uid, f"{name}:{row}:{uid}")
+                            row += 1
+            except _TRANSIENT:
+                raise
+            except (pa.ArrowException, OSError):
+                yield f"{name}{FILE_REF}"  # the rows from ``row`` on cannot be listed
 
     # ----------------------------------------------------------------------------- loading
     def load(self, refs: Sequence[str]) -> Iterator[SourceItem]:
@@ -192,25 +240,72 @@ class PickapicSource(Source):
             i = j
 
     def _load_file(self, rel: str, refs: Sequence[str]) -> Iterator[SourceItem]:
+        problem = self._file_problem(rel)
+        if problem is not None:
+            reason = "bad_parquet_schema" if problem.startswith(("lacks", "wrong")) else "corrupt_parquet"
+            for ref in refs:
+                yield SourceItem(ref, error=reason)
+            return
         with self._open(rel) as pf:
             yield from self._load_rows(pf, refs)
 
     def _load_rows(self, pf: pq.ParquetFile, refs: Sequence[str]) -> Iterator[SourceItem]:
+        """Rows streamed :data:`_LOAD_BATCH` at a time from only the row groups that hold them; a
+        row group that fails to decode rejects its rows (``corrupt_parquet``), not the file."""
         starts = [0]
         for g in range(pf.metadata.num_row_groups):
             starts.append(starts[-1] + pf.metadata.row_group(g).num_rows)
-        columns = list(REQUIRED_COLUMNS) + [c for c in _META_COLUMNS if c in pf.schema_arrow.names]
-        cached_group, rows = -1, []
+        columns = [c for c in REQUIRED_COLUMNS if not c.startswith("jpg_")]
+        columns += [c for c in _META_COLUMNS if c in pf.schema_arrow.names]
+        wanted: dict[int, set[int]] = {}  # row group -> its rows that need an image (refs with a uid)
         for ref in refs:
             _, row, uid = parse_ref(ref)
+            if uid is not None and 0 <= row < starts[-1]:
+                g = next(i for i in range(len(starts) - 1) if starts[i] <= row < starts[i + 1])
+                wanted.setdefault(g, set()).add(row - starts[g])
+        group, batches, first, rows, broken = -1, iter(()), 0, [], None
+        for ref in refs:
+            _, row, uid = parse_ref(ref)
+            if row == -1:
+                yield SourceItem(ref, error="corrupt_parquet")  # listed as a file that broke off
+                continue
             if not 0 <= row < starts[-1]:
                 yield SourceItem(ref, error="missing_row")
                 continue
-            group = next(g for g in range(len(starts) - 1) if starts[g] <= row < starts[g + 1])
-            if group != cached_group:  # refs come in row order: each row group is read once
-                rows = pf.read_row_group(group, columns=columns).to_pylist()
-                cached_group = group
-            yield self._item(ref, rows[row - starts[group]], uid)
+            g = next(i for i in range(len(starts) - 1) if starts[i] <= row < starts[i + 1])
+            local = row - starts[g]
+            try:
+                if g != group or local < first:  # refs come in row order: each row group is streamed once
+                    group, first, rows, broken = g, 0, [], None
+                    images = self._image_columns(pf, g, wanted.get(g, set()))
+                    batches = pf.iter_batches(batch_size=_LOAD_BATCH, row_groups=[g], columns=columns + images)
+                while broken is None and local >= first + len(rows):
+                    first += len(rows)
+                    rows = next(batches).to_pylist()
+            except _TRANSIENT:
+                raise
+            except (pa.ArrowException, OSError, StopIteration) as exc:
+                broken = f"corrupt_parquet: {type(exc).__name__}"
+            if broken is not None:
+                yield SourceItem(ref, error=broken)
+                continue
+            yield self._item(ref, rows[local - first], uid)
+
+    def _image_columns(self, pf: pq.ParquetFile, group: int, rows: set[int]) -> list[str]:
+        """The image columns (``jpg_0``/``jpg_1``) the preferred sides of ``rows`` of ``group`` need,
+        found from the small verdict columns, so that a group of one-sided winners reads one image column."""
+        sides: set[int] = set()
+        pos = 0
+        for batch in pf.iter_batches(batch_size=8192, row_groups=[group], columns=_VERDICT_COLUMNS):
+            for r in batch.to_pylist():
+                if pos in rows:
+                    side, _, reason = self._verdict(r)
+                    if reason is None:
+                        sides.add(side)
+                pos += 1
+            if len(sides) == 2:
+                break
+        return [f"jpg_{side}" for side in sorted(sides)]
 
     def _item(self, ref: str, r: dict[str, Any], uid: str | None) -> SourceItem:
         side, got_uid, reason = self._verdict(r)

@@ -1,7 +1,7 @@
 """Existing WebDataset shards: plain ``.tar`` files of ``<key>.<ext>`` members.
 
-The URL is a folder of ``.tar`` files, one ``.tar`` file, or a brace pattern
-(``shards/data-{000..009}.tar``). Members are grouped into samples the WebDataset way: the key is
+The URL is a folder of ``.tar`` (or ``.tar.gz``/``.tgz``) files, one such file, or a brace
+pattern (``shards/data-{000..009}.tar``). Members are grouped into samples the WebDataset way: the key is
 the member path up to the first dot of its file name, and consecutive members with the same key
 form one sample. The image is the first member with an image extension (in
 :data:`IMAGE_EXTENSIONS` order), the caption the ``txt`` member.
@@ -9,13 +9,22 @@ form one sample. The image is the first member with an image extension (in
 Source ids are ``<tar name>/<key>``, in tar order. A key that occurs again later in the same tar
 is listed again, and the ingest plan rejects it as ``duplicate_source_id``. Listing reads only the
 tar headers (it seeks past the data); loading streams each tar once, front to back.
+
+Members are never extracted to disk and only regular files are read. A sample with a symlink,
+hardlink, device or FIFO member is ``non_regular_member: <kind>``, one whose member name has
+``..`` or a leading ``/`` is ``unsafe_member_name``, one with a member above ``max_member_bytes``
+(64 MiB) is ``member_too_large`` (its data is skipped, never held), one of more than 64 members
+``too_many_members``; a tar cut short mid-member makes the samples from there ``truncated_tar``.
+Memory stays bounded in the number of members (headers already passed are dropped).
 """
 
 from __future__ import annotations
 
+import gzip
 import posixpath
 import re
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
@@ -25,6 +34,10 @@ from tasks.sources.base import Source, SourceError, SourceItem
 from tasks.sources.captions import caption_meta, clean_caption
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+MAX_MEMBER_BYTES = 64 << 20  # as the folder source's per-file cap
+MAX_SAMPLE_MEMBERS = 64  # files of one sample (jpg, txt, json, ...): more is not a sample
+_CUT_SHORT = (tarfile.ReadError, EOFError, zlib.error, gzip.BadGzipFile)  # a truncated or corrupt tar / gzip stream
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.(.*)$")
 
 
@@ -34,11 +47,52 @@ def split_member(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def _groups(tar: tarfile.TarFile, with_data: bool) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for each run of consecutive members sharing a key."""
-    key, files = None, {}
-    for info in tar:
-        if not info.isfile():
+def is_safe_member_name(name: str) -> bool:
+    """Relative, no ``..`` part: a name that could not escape a folder it were extracted to."""
+    return not name.startswith("/") and ".." not in name.split("/") and "\x00" not in name
+
+
+def _kind(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        return "symlink"
+    if info.islnk():
+        return "hardlink"
+    if info.ischr() or info.isblk():
+        return "device"
+    return "fifo" if info.isfifo() else "special"
+
+
+def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The tar's members, forgetting each header once passed (TarFile keeps every header it has
+    read: O(members) memory in a tar of millions otherwise)."""
+    while True:
+        info = tar.next()
+        if info is None:
+            return
+        tar.members.clear()
+        yield info
+
+
+def _groups(tar: tarfile.TarFile, with_data: bool, max_member_bytes: int = MAX_MEMBER_BYTES
+            ) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
+    """(key, {ext: bytes}, reject reason or None) for each run of consecutive members sharing a key.
+
+    Nothing is extracted to disk. A sample with a member that is not a regular file (symlink,
+    hardlink, device, FIFO), has a name with ``..`` or a leading ``/``, exceeds ``max_member_bytes``
+    or makes the sample exceed :data:`MAX_SAMPLE_MEMBERS` members keeps its key but gets a reject
+    reason, and no data of it is read; data cut short by a truncated tar is ``truncated_tar``."""
+    key, files, problem = None, {}, None
+    members = _members(tar)
+    while True:
+        try:
+            info = next(members, None)
+        except _CUT_SHORT:  # the data of the pending sample's member ends before the tar does
+            if key is not None:
+                yield key, {}, "truncated_tar"
+            return
+        if info is None:
+            break
+        if info.isdir():
             continue
         parts = split_member(info.name)
         if parts is None or posixpath.basename(parts[0]).startswith("."):
@@ -46,25 +100,49 @@ def _groups(tar: tarfile.TarFile, with_data: bool) -> Iterator[tuple[str, dict[s
         k, ext = parts
         if k != key:
             if key is not None:
-                yield key, files
-            key, files = k, {}
+                yield key, files, problem
+            key, files, problem = k, {}, None
+        if problem is not None:
+            continue
+        if not is_safe_member_name(info.name):
+            problem = "unsafe_member_name"
+        elif not info.isfile():
+            problem = f"non_regular_member: {_kind(info)}"
+        elif info.size > max_member_bytes:
+            problem = "member_too_large"
+        elif len(files) >= MAX_SAMPLE_MEMBERS:
+            problem = "too_many_members"
+        if problem is not None:
+            files = {}
+            continue
         if with_data:
-            fh = tar.extractfile(info)
-            files[ext.lower()] = fh.read() if fh is not None else b""
+            try:
+                fh = tar.extractfile(info)
+                files[ext.lower()] = fh.read() if fh is not None else b""
+            except _CUT_SHORT:
+                yield key, {}, "truncated_tar"
+                return
         else:
             files[ext.lower()] = b""
     if key is not None:
-        yield key, files
+        yield key, files, problem
+
+
+def is_tar_name(path: str) -> bool:
+    return path.endswith(TAR_SUFFIXES)
 
 
 class WebDatasetSource(Source):
     """Samples of existing WebDataset tars, re-prepared by ingest."""
 
     format_name: ClassVar[str] = "webdataset"
-    OPTIONS: ClassVar[tuple[str, ...]] = ()
+    OPTIONS: ClassVar[tuple[str, ...]] = ("max_member_bytes",)
 
-    def __init__(self, url: str, **options: Any) -> None:
+    def __init__(self, url: str, max_member_bytes: int = MAX_MEMBER_BYTES, **options: Any) -> None:
         super().__init__(url.rstrip("/") or url, **options)
+        if max_member_bytes != MAX_MEMBER_BYTES:
+            self.options["max_member_bytes"] = int(max_member_bytes)
+        self.max_member_bytes = int(max_member_bytes)
         self._fs, root = storage.get_fs(self.url)
         self._root = root.rstrip("/")
 
@@ -79,7 +157,7 @@ class WebDatasetSource(Source):
         if not self._fs.isdir(self._root):
             return []
         return sorted(p for p in self._fs.ls(self._root, detail=False)
-                      if p.endswith(".tar") and not posixpath.basename(p).startswith("."))
+                      if is_tar_name(p) and not posixpath.basename(p).startswith("."))
 
     def validate(self) -> None:
         tars = self._tars()
@@ -87,7 +165,7 @@ class WebDatasetSource(Source):
             raise SourceError(f"webdataset source {self.url!r}: no .tar shards found")
         for path in tars:
             try:
-                with self._fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
+                with self._fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:*") as tar:
                     tar.next()
             except tarfile.TarError as exc:
                 raise SourceError(f"webdataset source: {posixpath.basename(path)} is not a tar file ({exc})") from exc
@@ -97,8 +175,8 @@ class WebDatasetSource(Source):
     def list_refs(self) -> Iterator[str]:
         for path in self._tars():
             name = posixpath.basename(path)
-            with self._fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
-                for key, _ in _groups(tar, with_data=False):
+            with self._fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:*") as tar:
+                for key, _, _ in _groups(tar, with_data=False, max_member_bytes=self.max_member_bytes):
                     yield f"{name}/{key}"
 
     def load(self, refs: Sequence[str]) -> Iterator[SourceItem]:
@@ -120,15 +198,16 @@ class WebDatasetSource(Source):
         """Stream the tar once; hold only samples that are needed and not yet due (none in order)."""
         keys = [r.split("/", 1)[1] if "/" in r else "" for r in refs]
         remaining = Counter(keys)
-        held: dict[str, dict[str, bytes]] = {}
-        pos = 0
-        with self._fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-            for key, files in _groups(tar, with_data=True):
+        held: dict[str, tuple[dict[str, bytes], str | None]] = {}
+        pos, truncated = 0, False
+        with self._fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+            for key, files, problem in _groups(tar, with_data=True, max_member_bytes=self.max_member_bytes):
+                truncated = problem == "truncated_tar"
                 if remaining.get(key, 0) > 0 and key not in held:
-                    held[key] = files
+                    held[key] = (files, problem)
                 while pos < len(keys) and keys[pos] in held:
                     key_now = keys[pos]
-                    yield self._item(refs[pos], held[key_now])
+                    yield self._item(refs[pos], *held[key_now])
                     remaining[key_now] -= 1
                     if remaining[key_now] == 0:
                         del held[key_now]
@@ -136,10 +215,15 @@ class WebDatasetSource(Source):
                 if pos == len(keys):
                     return
         for ref, key in zip(refs[pos:], keys[pos:]):
-            yield self._item(ref, held[key]) if key in held else SourceItem(ref, error="missing_in_tar")
+            if key in held:
+                yield self._item(ref, *held[key])
+            else:
+                yield SourceItem(ref, error="truncated_tar" if truncated else "missing_in_tar")
 
     @staticmethod
-    def _item(ref: str, files: dict[str, bytes]) -> SourceItem:
+    def _item(ref: str, files: dict[str, bytes], problem: str | None = None) -> SourceItem:
+        if problem is not None:
+            return SourceItem(ref, error=problem)
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
         if image_ext is None:
             return SourceItem(ref, error="missing_image")

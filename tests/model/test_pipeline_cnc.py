@@ -131,11 +131,10 @@ def test_save_load_round_trip_is_exact(tmp_path, trained_like_pipe):
     assert np.array_equal(run(generic, **kwargs), before)
 
 
-def test_foreign_module_file_is_refused(tmp_path, cnc_pipe):
+def test_foreign_module_file_is_never_imported(tmp_path, cnc_pipe):
     cnc_pipe.save_pretrained(tmp_path)
     (tmp_path / "pipeline_cnc.py").write_text("raise SystemExit('not ours')\n")
-    with pytest.raises(ValueError, match="not the module"):
-        CnCPipeline.from_pretrained(tmp_path)
+    assert isinstance(CnCPipeline.from_pretrained(tmp_path), CnCPipeline)  # more in test_model_folder_safety.py
 
 
 def test_any_scheduler_swaps_in():
