@@ -150,8 +150,10 @@ class Stage:
 class SaliencyStage(Stage):
     """The object mask M: the ingest's labels mask when the row has one, else U2-Net thresholded.
 
-    cfg: ``threshold`` (0.5, on the min-max normalised U2-Net map), ``model`` (path overriding the
-    preset), ``input_size`` (320 for real weights, 64 tiny), ``use_given_masks`` (True), ``seed`` (tiny).
+    cfg: ``threshold`` (0.5), ``preprocessing`` (``official``: the reference's raw [0, 1] input and
+    0.5 on the raw sigmoid; ``u2net_test``: ImageNet normalisation, min-max of the output),
+    ``model`` (path overriding the preset), ``input_size`` (320 for real weights, 64 tiny),
+    ``use_given_masks`` (True), ``seed`` (tiny).
     """
 
     name = "saliency"
@@ -160,12 +162,13 @@ class SaliencyStage(Stage):
 
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
                  pad_batches: bool = True, threshold: float = 0.5, model: str | None = None,
-                 input_size: int | None = None, use_given_masks: bool = True, seed: int = 0):
+                 input_size: int | None = None, use_given_masks: bool = True, seed: int = 0,
+                 preprocessing: str = "official"):
         super().__init__(preset, device, batch_size, pad_batches)
         from cnc_model.annotators.saliency import SaliencyModel
 
         self.use_given_masks = use_given_masks
-        kw = {"threshold": threshold}
+        kw = {"threshold": threshold, "preprocessing": preprocessing}
         if input_size:
             kw["input_size"] = input_size
         if model is None and self.preset.is_tiny:
@@ -334,21 +337,25 @@ def _inpaint_any_size(inpainter, images: list[np.ndarray], masks: list[np.ndarra
 class DepthStage(Stage):
     """Depth of I_f and I_b: relative inverse depth normalised to [0, 1] per image, 16-bit PNG.
 
-    cfg: ``model`` (overrides the preset), ``compress_level`` (1), ``seed`` (tiny weights)."""
+    cfg: ``model`` (overrides the preset), ``preprocessing`` (``official``: [0, 1] at 512 px as the
+    reference's MiDaS call; ``processor``: the model's processor config), ``compress_level`` (1),
+    ``seed`` (tiny weights)."""
 
     name = "depth"
     has_model = True
     byte_outputs = ("depth_fg_png", "depth_bg_png")
 
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
-                 pad_batches: bool = True, model: str | None = None, compress_level: int = 1, seed: int = 0):
+                 pad_batches: bool = True, model: str | None = None, compress_level: int = 1, seed: int = 0,
+                 preprocessing: str = "official"):
         super().__init__(preset, device, batch_size, pad_batches)
         from cnc_model.annotators.depth import DepthEstimator
 
         if model is None and self.preset.is_tiny:
             self.estimator = DepthEstimator.tiny(seed, device=device)
         else:
-            self.estimator = DepthEstimator.from_pretrained(model or self.preset.depth, device=device)
+            self.estimator = DepthEstimator.from_pretrained(model or self.preset.depth, device=device,
+                                                            preprocessing=preprocessing)
         self.compress_level = compress_level
 
     def process(self, batch, live, out, reject):

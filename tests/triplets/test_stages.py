@@ -211,5 +211,6 @@ def test_stages_load_saved_weights_through_the_real_path(tmp_path, result):
     assert list(tiny_sal["mask_png"]) == list(real_sal["mask_png"])
     rows = triplets(result)[:2]
     tiny_d = DepthStage("tiny", batch_size=2)(rows_to_batch(rows))
-    real_d = DepthStage("sd15", device="cpu", batch_size=2, model=str(tmp_path / "dpt"))(rows_to_batch(rows))
+    real_d = DepthStage("sd15", device="cpu", batch_size=2, model=str(tmp_path / "dpt"), preprocessing="processor")(
+        rows_to_batch(rows))
     assert list(tiny_d["depth_fg_png"]) == list(real_d["depth_fg_png"])
