@@ -58,3 +58,169 @@ def test_saliency_official_preprocessing_and_threshold():
     assert not torch.equal(test_script.preprocess(images), net_in)
     with pytest.raises(ValueError, match="preprocessing"):
         SaliencyModel.tiny(0, preprocessing="imagenet")
+
+
+# ------------------------------------------------------------------ pipeline helpers
+from tests.model.conftest import random_depth, random_image  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def run(pipe, seed: int = 0, **kwargs) -> np.ndarray:
+    kwargs.setdefault("num_inference_steps", 2)
+    return pipe("a red cube on a table", generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images
+
+
+def box_image(left: bool, size: int = 64) -> "PIL.Image.Image":
+    """A bright box on black: on the left half or the right half (tells the fg image apart)."""
+    import PIL.Image
+
+    array = np.zeros((size, size, 3), np.uint8)
+    cols = slice(4, size // 2 - 4) if left else slice(size // 2 + 4, size - 4)
+    array[size // 4 : 3 * size // 4, cols] = (230, 180, 60)
+    return PIL.Image.fromarray(array)
+
+
+# ------------------------------------------------------------------ item 1: missing conditions
+def test_missing_conditions_follow_the_official_model(trained_like_pipe):
+    """models/cnc.py always runs the local fuser (missing depth = zeros) and always appends 4 + 4
+    tokens (missing exemplar = the global fuser of zeros, not zero because of its LayerNorms)."""
+    pipe = trained_like_pipe
+    cond = pipe.prepare_conditions(64, 64, CPU, torch.float32)
+    assert cond.fg_depth is not None and not cond.fg_depth.any() and cond.bg_depth is None  # bg: zeros too
+    zero = torch.zeros(1, pipe.global_fuser.config.image_embed_dim)
+    with torch.no_grad():
+        fg_zero, bg_zero = pipe.global_fuser(zero, zero)
+    assert torch.equal(cond.fg_tokens, fg_zero) and torch.equal(cond.bg_tokens, bg_zero) and fg_zero.abs().max() > 0
+    black_mask = pipe.saliency_mask(torch.zeros(1, 3, 64, 64), 64, 64, CPU)  # the demo's anchor without images
+    assert cond.mask is not None and torch.equal(cond.mask, black_mask)
+    skip = pipe.prepare_conditions(64, 64, CPU, torch.float32, missing_conditions="skip")
+    assert (skip.fg_depth, skip.bg_depth, skip.fg_tokens, skip.mask) == (None, None, None, None)
+
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., :, :32] = 1
+    a, b = random_image((48, 40), 1), random_image((40, 48), 2)
+    exemplar_only = run(pipe, fg_exemplar=a, bg_exemplar=b, mask=mask)
+    zero_depth = torch.zeros(1, 3, 64, 64)
+    assert np.array_equal(exemplar_only, run(pipe, fg_exemplar=a, bg_exemplar=b, mask=mask, fg_depth=zero_depth,
+                                             bg_depth=zero_depth))
+    assert np.abs(exemplar_only - run(pipe, fg_exemplar=a, bg_exemplar=b, mask=mask, missing_conditions="skip")).max() > 1e-4
+    depth = dict(fg_depth=random_depth(64, 64, 1), bg_depth=random_depth(64, 64, 2), mask=mask)
+    depth_only = run(pipe, **depth)
+    assert np.array_equal(depth_only, run(pipe, fg_image_embeds=zero, bg_image_embeds=zero, **depth))
+    assert np.abs(depth_only - run(pipe, missing_conditions="skip", **depth)).max() > 1e-4
+
+
+# ------------------------------------------------------------------ item 2: mask from saliency
+def test_mask_defaults_to_saliency_of_the_fg_exemplar(trained_like_pipe):
+    """test_cnc.py: the mask is GetSODMask of the fg image, else of the fg exemplar image."""
+    pipe = trained_like_pipe
+    fg, bg = box_image(left=True), box_image(left=False)
+    x = torch.from_numpy(np.array(fg)).permute(2, 0, 1)[None].float() / 255
+    expected = pipe.saliency_model.probabilities_tensor(x)  # already 64x64: no resize
+    cond = pipe.prepare_conditions(64, 64, CPU, torch.float32, fg_exemplar=fg, bg_exemplar=bg)
+    assert torch.equal(cond.mask, expected) and 0 < expected.mean() < 1
+    swapped = pipe.prepare_conditions(64, 64, CPU, torch.float32, fg_exemplar=bg, bg_exemplar=fg)
+    assert not torch.equal(swapped.mask, cond.mask)  # the fg one decides
+    assert np.array_equal(run(pipe, fg_exemplar=fg, bg_exemplar=bg), run(pipe, fg_exemplar=fg, bg_exemplar=bg, mask=expected))
+    saliency, pipe.saliency_model = pipe.saliency_model, None
+    try:
+        with pytest.raises(ValueError, match="saliency"):
+            pipe.prepare_conditions(64, 64, CPU, torch.float32, fg_exemplar=fg)
+    finally:
+        pipe.saliency_model = saliency
+
+
+# ------------------------------------------------------------------ item 3: fg depth from an image
+def test_fg_depth_from_an_image_is_the_depth_of_the_masked_image():
+    """test_cnc.py default "v2": fg depth = depth(fg image x its U2-Net mask); v1/v3 as options."""
+    from tests.model.conftest import make_cnc_pipeline
+    from tests.model.test_pipeline_cnc import tiny_depth_estimator
+
+    pipe = make_cnc_pipeline(randomize_zero_convs=True)
+    estimator, processor = tiny_depth_estimator()
+    pipe.register_modules(depth_estimator=estimator, depth_processor=processor)
+    fg, exemplar = box_image(left=True), box_image(left=False)
+    mask = pipe.saliency_mask(fg, 64, 64, CPU)
+    assert not torch.equal(mask, pipe.saliency_mask(exemplar, 64, 64, CPU))
+    rgb = torch.from_numpy(np.array(fg)).permute(2, 0, 1)[None].float() / 255
+    masked = PIL_image((rgb * mask)[0])
+    cond = pipe.prepare_conditions(64, 64, CPU, torch.float32, fg_depth_image=fg, fg_exemplar=exemplar)
+    assert torch.equal(cond.fg_depth, pipe.estimate_depth(masked, 64, 64, CPU))
+    assert torch.equal(cond.mask, mask)  # the fg image, not the exemplar, anchors the mask
+    raw = pipe.estimate_depth(fg, 64, 64, CPU)
+    v1 = pipe.prepare_conditions(64, 64, CPU, torch.float32, fg_depth_image=fg, fg_depth_mode="image")
+    v3 = pipe.prepare_conditions(64, 64, CPU, torch.float32, fg_depth_image=fg, fg_depth_mode="masked_depth")
+    assert torch.equal(v1.fg_depth, raw) and torch.equal(v3.fg_depth, raw * mask)
+    assert not torch.equal(cond.fg_depth, raw)
+
+
+def PIL_image(chw: torch.Tensor):
+    import PIL.Image
+
+    return PIL.Image.fromarray((chw.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+# ------------------------------------------------------------------ item 11: defaults
+def test_separate_fg_and_bg_depth_multipliers_and_768_evaluation(trained_like_pipe):
+    """test_cnc.py: fg/bg depth controllers scale the maps (clamped); the demo generates at 768."""
+    from cnc_model.presets import get_preset
+
+    fg, bg = random_depth(64, 64, 1), random_depth(64, 64, 2)
+    cond = trained_like_pipe.prepare_conditions(64, 64, CPU, torch.float32, fg_depth=fg, bg_depth=bg,
+                                                fg_depth_scale=1.5, bg_depth_scale=0.5)
+    assert torch.equal(cond.fg_depth, (fg * 1.5).clamp(0, 1)) and torch.equal(cond.bg_depth, bg * 0.5)
+    assert cond.depth_scale == 1.0  # the residual scale is separate
+    assert get_preset("sd15").eval_resolution == 768
+
+
+# ------------------------------------------------------------------ issue 10 item 7: diffusers callbacks
+def test_callback_on_step_end_has_the_diffusers_contract(trained_like_pipe):
+    seen = []
+
+    def callback(pipe, step, timestep, kwargs):
+        seen.append((pipe, step, int(timestep), sorted(kwargs)))
+        if step == 1:
+            kwargs["latents"] = torch.zeros_like(kwargs["latents"])
+        return kwargs
+
+    latents = trained_like_pipe("a cube", num_inference_steps=2, output_type="latent", callback_on_step_end=callback,
+                                missing_conditions="skip", generator=torch.Generator().manual_seed(0)).images
+    timesteps = trained_like_pipe.scheduler.timesteps.tolist()
+    assert seen == [(trained_like_pipe, 0, timesteps[0], ["latents"]), (trained_like_pipe, 1, timesteps[1], ["latents"])]
+    assert not latents.any()  # the returned latents replaced the pipeline's
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        trained_like_pipe("a cube", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"])
+    with pytest.raises(ValueError, match="missing_conditions"):
+        trained_like_pipe("a cube", missing_conditions="drop")
+    with pytest.raises(ValueError, match="not both"):
+        trained_like_pipe("a cube", glod={"global_prompts": [{"text": "a cube", "weight": 7.5}]})
+
+
+def test_glod_callback_on_step_end_has_the_diffusers_contract():
+    from cnc_model.glod.pipeline_glod import GLoDPipeline
+    from cnc_model.tiny import tiny_sd_components
+
+    parts = tiny_sd_components(0)
+    pipe = GLoDPipeline(**{k: parts[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")})
+    pipe.set_progress_bar_config(disable=True)
+    steps = []
+
+    def callback(p, step, timestep, kwargs):
+        steps.append((p is pipe, step))
+        return {"latents": kwargs["latents"] * 0}
+
+    out = pipe(prompt="a cube", num_inference_steps=2, output_type="latent", callback_on_step_end=callback).images
+    assert steps == [(True, 0), (True, 1)] and not out.any()
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(prompt="a cube", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+
+def test_saliency_model_travels_with_the_saved_pipeline(tmp_path, trained_like_pipe):
+    from cnc_model.cnc.pipeline_cnc import CnCPipeline
+
+    trained_like_pipe.save_pretrained(tmp_path)
+    loaded = CnCPipeline.from_pretrained(tmp_path)
+    fg = box_image(left=True)
+    assert loaded.saliency_model is not None and loaded.saliency_model.input_size == 64
+    assert torch.equal(loaded.saliency_mask(fg, 64, 64, CPU), trained_like_pipe.saliency_mask(fg, 64, 64, CPU))
