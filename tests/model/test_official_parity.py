@@ -224,3 +224,91 @@ def test_saliency_model_travels_with_the_saved_pipeline(tmp_path, trained_like_p
     fg = box_image(left=True)
     assert loaded.saliency_model is not None and loaded.saliency_model.input_size == 64
     assert torch.equal(loaded.saliency_mask(fg, 64, 64, CPU), trained_like_pipe.saliency_mask(fg, 64, 64, CPU))
+
+
+# ------------------------------------------------------------------ items 6 and 12: official files
+def _save_as_lightning(obj: dict, path) -> None:
+    """torch.save ``obj`` as Lightning does: its hyper-parameters an ``AttributeDict`` of
+    ``pytorch_lightning`` (a stand-in module here, gone again before loading), numpy in callbacks."""
+    import sys
+    import types
+
+    names = ("pytorch_lightning", "pytorch_lightning.utilities", "pytorch_lightning.utilities.parsing")
+    parsing = types.ModuleType(names[-1])
+
+    class AttributeDict(dict):
+        pass
+
+    AttributeDict.__module__, AttributeDict.__qualname__ = names[-1], "AttributeDict"
+    parsing.AttributeDict = AttributeDict
+    sys.modules.update({names[0]: types.ModuleType(names[0]), names[1]: types.ModuleType(names[1]), names[2]: parsing})
+    try:
+        full = {"epoch": 4, "global_step": 1000, "pytorch-lightning_version": "1.9.0", "state_dict": obj,
+                "hyper_parameters": AttributeDict(mode="local", learning_rate=1e-5),
+                "callbacks": {"ModelCheckpoint{'monitor': None}": {"best_model_score": np.float64(0.25),
+                                                                   "history": np.arange(3)}},
+                "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1e-5, "params": [0]}]}],
+                "lr_schedulers": [], "loops": {"fit_loop": {"epoch_progress": {"total": {"ready": 4}}}}}
+        torch.save(full, path)
+    finally:
+        for name in names:
+            del sys.modules[name]
+
+
+def test_a_full_uni_controlnet_lightning_checkpoint_initialises_the_local_fuser(tmp_path):
+    """prepare_weights.py init_local_fromuni: every same-named key of a real uni.ckpt layout
+    (feature_extractor.extractors/zero_convs, zero_convs, the UNet copy); Uni's pre_extractor and
+    its content adapter (global_adapter.ff1/ff2/norm1/norm2) have no CnC counterpart."""
+    from cnc_model.cnc.convert import load_cnc_checkpoint
+    from tests.model.test_convert import CTX, conv, fusers, ldm_local_adapter_shapes
+
+    shapes = {k: s for k, s in ldm_local_adapter_shapes().items() if not k.startswith(("feature_extractor.fg_", "feature_extractor.bg_"))}
+    for index, (c_out, c_in) in zip((0, 2, 4, 6, 8), ((32, 21), (64, 32), (64, 64), (128, 64), (128, 128))):
+        shapes |= conv(f"feature_extractor.pre_extractor.{index}", c_out, c_in, 3)
+    d = CTX
+    content = {"ff1.net.0.proj.weight": (8 * d, d), "ff1.net.2.weight": (2 * d, 4 * d), "ff2.net.0.proj.weight": (16 * d, 2 * d),
+               "ff2.net.2.weight": (4 * d, 8 * d), "norm1.weight": (d,), "norm2.weight": (2 * d,)}  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    uni = {f"local_adapter.{k}": torch.randn(s, generator=g) for k, s in shapes.items()}
+    uni |= {f"global_adapter.{k}": torch.randn(s, generator=g) for k, s in content.items()}
+    uni |= {"model.diffusion_model.out.2.weight": torch.zeros(4, 32, 3, 3), "cond_stage_model.transformer.x": torch.zeros(2),
+            "first_stage_model.decoder.conv_out.bias": torch.zeros(3), "betas": torch.zeros(1000)}  # fmt: skip
+    path = tmp_path / "uni.ckpt"
+    _save_as_lightning(uni, path)
+    local, _ = fusers()
+    fg_stream = {k: v.clone() for k, v in local.depth_encoder.fg_stream.state_dict().items()}
+    converted = load_cnc_checkpoint(path, local_fuser=local, from_uni_controlnet=True)
+    assert {k for k in converted.skipped if k.startswith("global_adapter.")} == {f"global_adapter.{k}" for k in content}
+    assert {k for k in converted.skipped if k.startswith("local_adapter.")} == {
+        f"local_adapter.{k}" for k in shapes if k.startswith("feature_extractor.pre_extractor.")}
+    encoder = local.depth_encoder
+    assert torch.equal(encoder.extractors[0][0].weight, uni["local_adapter.feature_extractor.extractors.0.0.weight"])
+    assert torch.equal(encoder.zero_convs[1].bias, uni["local_adapter.feature_extractor.zero_convs.1.bias"])
+    assert torch.equal(local.controlnet_down_blocks[2].weight, uni["local_adapter.zero_convs.2.0.weight"])
+    assert all(torch.equal(v, fg_stream[k]) for k, v in encoder.fg_stream.state_dict().items())  # new in CnC
+
+
+def test_official_files_load_without_arbitrary_unpickling(tmp_path):
+    """A Lightning .ckpt loads through the allow-list, safetensors directly; a pickle that needs
+    any other global is refused, naming it."""
+    import pickle
+
+    from safetensors.torch import save_file
+
+    from cnc_model.cnc.convert import read_checkpoint
+
+    weights = {"local_adapter.zero_convs.0.0.weight": torch.ones(2, 2), "global_adapter.norm1_fg.bias": torch.zeros(3)}
+    _save_as_lightning(weights, tmp_path / "cnc_v1.ckpt")
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "cnc_v1.ckpt", weights_only=True)  # what the old loader did
+    loaded = read_checkpoint(tmp_path / "cnc_v1.ckpt")
+    assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
+    save_file(weights, str(tmp_path / "cnc_v1.safetensors"))
+    assert read_checkpoint(tmp_path / "cnc_v1.safetensors").keys() == weights.keys()
+    torch.save({"state_dict": weights, "payload": _Payload()}, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="_Payload"):
+        read_checkpoint(tmp_path / "evil.ckpt")
+
+
+class _Payload:
+    """Anything outside the allow-list (a real attack would run code in __reduce__)."""
