@@ -208,21 +208,29 @@ class SaliencyStage(Stage):
 
 class MaskFilterStage(Stage):
     """Rejects rows without a usable object: a blank (flat) image, an object smaller than
-    ``min_area`` or larger than ``max_area`` (fractions of the frame). Adds ``mask_area``."""
+    ``min_area`` or larger than ``max_area`` (fractions of the frame). Adds ``mask_area``.
+
+    ``selection="official"`` reproduces the reference, whose scripts filter no mask: every row
+    passes (area bounds 0 and 1, blank images kept); ``mask_area`` is still recorded."""
 
     name = "mask_filter"
     number_outputs = {"mask_area": np.float64}
+    SELECTIONS = ("project", "official")
 
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
                  pad_batches: bool = True, min_area: float = 0.01, max_area: float = 0.85,
-                 blank_tolerance: int = 8):
+                 blank_tolerance: int = 8, selection: str = "project"):
         super().__init__(preset, device, batch_size, pad_batches)
+        if selection not in self.SELECTIONS:
+            raise ValueError(f"mask_filter selection must be one of {self.SELECTIONS}, got {selection!r}")
+        if selection == "official":
+            min_area, max_area, blank_tolerance = 0.0, 1.0, -1
         self.min_area, self.max_area, self.blank_tolerance = min_area, max_area, blank_tolerance
 
     def process(self, batch, live, out, reject):
         images = self._decode_images(batch, "jpg", live, reject)
         for i in images:
-            if M.is_blank(images[i], self.blank_tolerance):
+            if self.blank_tolerance >= 0 and M.is_blank(images[i], self.blank_tolerance):
                 reject[i] = REJECT_BLANK
                 continue
             data = _as_bytes(batch["mask_png"][i])
@@ -374,18 +382,24 @@ class DepthStage(Stage):
 
 
 class ClipStage(Stage):
-    """CLIP image embeddings of I_f and I_b (float32 ``.npy``, unnormalised ``image_embeds``).
+    """CLIP image embeddings of the fg exemplar and I_b (float32 ``.npy``, unnormalised ``image_embeds``).
 
-    cfg: ``model`` (overrides the preset), ``seed`` (tiny weights)."""
+    cfg: ``fg_source`` (``src``: the source image I_s, as the reference's ``data/get_primitives.py``;
+    ``fg``: the cut-out I_f), ``model`` (overrides the preset), ``seed`` (tiny weights)."""
 
     name = "clip"
     has_model = True
     byte_outputs = ("clip_fg_npy", "clip_bg_npy")
+    FG_SOURCES = {"src": "jpg", "fg": "fg_png"}
 
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
-                 pad_batches: bool = True, model: str | None = None, seed: int = 0):
+                 pad_batches: bool = True, model: str | None = None, seed: int = 0, fg_source: str = "src"):
         super().__init__(preset, device, batch_size, pad_batches)
         from cnc_model.annotators.clip_embed import ClipImageEmbedder
+
+        if fg_source not in self.FG_SOURCES:
+            raise ValueError(f"clip fg_source must be one of {sorted(self.FG_SOURCES)}, got {fg_source!r}")
+        self.fg_column = self.FG_SOURCES[fg_source]
 
         if model is None and self.preset.is_tiny:
             self.embedder = ClipImageEmbedder.tiny(seed, device=device)
@@ -395,7 +409,7 @@ class ClipStage(Stage):
     def process(self, batch, live, out, reject):
         from cnc_model.annotators.clip_embed import encode_npy
 
-        fg = self._decode_images(batch, "fg_png", live, reject)
+        fg = self._decode_images(batch, self.fg_column, live, reject)
         bg = self._decode_images(batch, "bg_jpg", [i for i in live if i in fg], reject)
         items = [("clip_fg_npy", i, fg[i]) for i in bg] + [("clip_bg_npy", i, bg[i]) for i in bg]
         arrays = {k: it[2] for k, it in enumerate(items)}
