@@ -11,6 +11,7 @@ classifier-free guidance, identical to ``StableDiffusionPipeline``.
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -177,6 +178,7 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
         global_rows = slice(n, n * (1 + num_globals))
         debug_maps = [torch.zeros(n, *latent_size, device=device) for _ in objects] if return_debug else None
         losses: list[float] = []
+        last_loss = math.inf  # the reference carries the layout loss from step to step
 
         with ExitStack() as stack:
             store = None
@@ -186,11 +188,11 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
                 for i, t in enumerate(timesteps):
                     if guide and i < layout.steps:
                         store.rows, store.detach = None, False
-                        latents, loss = layout_guidance_step(
+                        latents, last_loss = layout_guidance_step(
                             self.unet, self.scheduler, latents, t, embeds[global_rows], store, objects,
-                            layout.strength, layout.iterations,
+                            layout.strength, layout.iterations, layout.loss_threshold, last_loss,
                         )
-                        losses.append(loss)
+                        losses.append(last_loss)
                     if store is not None and not return_debug and not (guide and i + 1 < layout.steps):
                         stack.close()  # guidance done: put the original processors back
                         store = None

@@ -312,3 +312,66 @@ def test_official_files_load_without_arbitrary_unpickling(tmp_path):
 
 class _Payload:
     """Anything outside the allow-list (a real attack would run code in __reduce__)."""
+
+
+# ------------------------------------------------------------------ item 13: GLoD layout guidance
+def test_layout_loss_is_per_token_and_per_head_as_compute_ca_loss():
+    """layout-guidance utils.compute_ca_loss: (1 - inside/total)^2 per head and per token, then means."""
+    from cnc_model.glod.layout_guidance import LayoutObject, layout_loss
+
+    region = torch.zeros(2, 2)
+    region[:, 0] = 1  # the left column
+    maps = torch.full((1, 2, 4, 3), 1e-9)  # (rows, heads, 2x2 queries, tokens 0..2)
+    maps[0, 0, [0, 2], 1] = 0.5  # head 0, token 1: all mass inside (left)
+    maps[0, 1, [1, 3], 1] = 0.5  # head 1, token 1: all mass outside (right)
+    maps[0, :, [0, 2], 2] = 0.5  # token 2: inside for both heads
+    obj = LayoutObject(rows=slice(0, 1), tokens=[1, 2], region=region)
+    # per head/token: token 1 -> mean(0, 1) = 0.5; token 2 -> 0; object: mean over tokens = 0.25
+    torch.testing.assert_close(layout_loss([maps], [obj], (2, 2)), torch.tensor(0.25), rtol=0, atol=1e-6)
+    # averaging heads and tokens first (the old rule) would give (1 - 0.75)^2 = 0.0625
+
+
+def test_layout_guidance_defaults_follow_the_reference():
+    """base_config.yaml: loss_scale 30, max_index_step 10, max_iter 5 while loss > 0.2; mid + first up block."""
+    from cnc_model.glod.layout_guidance import (
+        AttentionStore, LayoutObject, attention_store, cross_attention_layers, layout_guidance_step)
+    from cnc_model.glod.pipeline_glod import GLoDPipeline
+    from cnc_model.glod.spec import LayoutGuidance
+    from cnc_model.tiny import tiny_sd_components
+
+    defaults = LayoutGuidance()
+    assert (defaults.strength, defaults.steps, defaults.iterations, defaults.loss_threshold) == (30.0, 10, 5, 0.2)
+    assert defaults.layers == ("mid", "first_up") and defaults.enabled
+    pipe = GLoDPipeline(**tiny_sd_components(0))
+    pipe.set_progress_bar_config(disable=True)
+    layers = cross_attention_layers(pipe.unet)
+    assert layers and all(n.startswith(("mid_block.", "up_blocks.1.")) for n in layers)
+    assert any(n.startswith("up_blocks.1.") for n in layers) and any(n.startswith("mid_block.") for n in layers)
+
+    calls = []
+    hook = pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        embeds = pipe.encode_text(["a man and a woman"], CPU)
+        region = torch.zeros(8, 8)
+        region[:, :4] = 1
+        objects = [LayoutObject(rows=slice(0, 1), tokens=[2], region=region)]
+        pipe.scheduler.set_timesteps(4)
+        t = pipe.scheduler.timesteps[0]
+        with attention_store(pipe.unet, AttentionStore()) as store:
+            same, carried = layout_guidance_step(pipe.unet, pipe.scheduler, latents, t, embeds, store, objects, 30.0,
+                                                 iterations=5, loss_threshold=0.2, last_loss=0.1)
+            assert calls == [] and torch.equal(same, latents) and carried == 0.1  # below the threshold: no step
+            _, loss = layout_guidance_step(pipe.unet, pipe.scheduler, latents, t, embeds, store, objects, 30.0,
+                                           iterations=5, loss_threshold=0.0)
+            assert len(calls) == 5 and 0 <= loss <= 1  # threshold 0: every iteration
+    finally:
+        hook.remove()
+
+    spec = {"width": 64, "height": 64, "global_prompts": [{"text": "a man and a woman", "weight": 7.5}],
+            "local_prompts": [{"text": "a man with a beard", "object": "man", "box": [0, 0, 32, 64], "weight": 4.0}]}
+    out = pipe(spec, num_inference_steps=3, output_type="latent", return_debug=True, generator=torch.Generator().manual_seed(0))
+    assert len(out.layout_losses) == 3  # on by default in a spec with local prompts, in the first steps
+    off = pipe({**spec, "layout_guidance": {"strength": 0}}, num_inference_steps=3, output_type="latent",
+               return_debug=True, generator=torch.Generator().manual_seed(0))
+    assert off.layout_losses == [] and not torch.equal(off.images, out.images)
