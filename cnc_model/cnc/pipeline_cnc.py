@@ -60,6 +60,9 @@ fg image, else of the fg exemplar) or ``fg_depth`` (the fg depth map above a thr
 FG_DEPTH_MODES = ("masked_image", "image", "masked_depth")
 """How ``fg_depth_image`` becomes the fg depth map: depth of the image times its mask (official demo
 default "v2"; training uses depth of I_f), depth of the raw image ("v1"), or depth times mask ("v3")."""
+DEPTH_PREPROCESSING = ("official", "processor")
+"""How ``*_depth_image`` reaches ``depth_estimator``: the demo's [0, 1] image at the output size, or
+``depth_processor``."""
 SALIENCY_DIR = "saliency"
 SALIENCY_CONFIG = "saliency.json"
 
@@ -266,11 +269,21 @@ class CnCPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
         return self.image_encoder(pixel_values=pixels).image_embeds
 
     @torch.no_grad()
-    def estimate_depth(self, image: ImageLike, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """Depth map ``(1, 3, height, width)`` in [0, 1] (near = bright) from an RGB image."""
-        if self.depth_estimator is None or self.depth_processor is None:
-            raise ValueError("depth from images needs `depth_estimator` and `depth_processor`; pass depth maps instead")
-        inputs = self.depth_processor(images=image, return_tensors="pt").pixel_values
+    def estimate_depth(self, image: ImageLike, height: int, width: int, device: torch.device,
+                       preprocessing: str = "official") -> torch.Tensor:
+        """Depth map ``(1, 3, height, width)`` in [0, 1] (near = bright) from an RGB image.
+
+        ``official`` (the demo's ``GetDepthMap``): the image in [0, 1] at the output size (rounded
+        up to a multiple of 32 for the ViT), no mean/std, straight into ``depth_estimator``;
+        ``processor``: through ``depth_processor`` (its resize and normalisation)."""
+        if self.depth_estimator is None or (preprocessing != "official" and self.depth_processor is None):
+            raise ValueError("depth from images needs `depth_estimator` (and `depth_processor` for "
+                             "depth_preprocessing='processor'); pass depth maps instead")
+        if preprocessing == "official":
+            size = (-(-height // 32) * 32, -(-width // 32) * 32)
+            inputs = self._rgb(image, *size)
+        else:
+            inputs = self.depth_processor(images=image, return_tensors="pt").pixel_values
         depth = self.depth_estimator(pixel_values=inputs.to(device=device, dtype=self.depth_estimator.dtype)).predicted_depth
         depth = depth[:, None].float()
         lo = depth.flatten(1).amin(1)[:, None, None, None]
@@ -304,6 +317,7 @@ class CnCPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
         mask_source: str = "saliency",
         fg_depth_mode: str = "masked_image",
         mask_resize: str = "official",
+        depth_preprocessing: str = "official",
     ) -> CnCConditions:
         """Normalise every optional input into :class:`CnCConditions` (see :meth:`__call__`)."""
         user_mask = prepare_mask(mask).to(device, dtype) if mask is not None else None
@@ -315,20 +329,23 @@ class CnCPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
                 saliency_mask = self.saliency_mask(image, height, width, device).to(dtype)
             return saliency_mask
 
+        def depth_of(image: ImageLike) -> torch.Tensor:
+            return self.estimate_depth(image, height, width, device, depth_preprocessing)
+
         if fg_depth is None and fg_depth_image is not None:
             if fg_depth_mode == "image":
-                fg_depth = self.estimate_depth(fg_depth_image, height, width, device)
+                fg_depth = depth_of(fg_depth_image)
             else:
                 cut = user_mask if user_mask is not None else fg_image_mask(fg_depth_image)
                 cut = F.interpolate(cut.float(), size=(height, width), mode="bilinear", align_corners=False)
                 cut = cut.to(device)
                 if fg_depth_mode == "masked_image":  # official demo "v2": depth of the cut-out object
                     masked = self._rgb(fg_depth_image, height, width).to(device) * cut
-                    fg_depth = self.estimate_depth(_to_pil(masked), height, width, device)
+                    fg_depth = depth_of(masked if depth_preprocessing == "official" else _to_pil(masked))
                 else:  # "v3": the depth of the whole image, cut out
-                    fg_depth = self.estimate_depth(fg_depth_image, height, width, device) * cut
+                    fg_depth = depth_of(fg_depth_image) * cut
         if bg_depth is None and bg_depth_image is not None:
-            bg_depth = self.estimate_depth(bg_depth_image, height, width, device)
+            bg_depth = depth_of(bg_depth_image)
         fg_d = prepare_depth(fg_depth, height, width).to(device, dtype) if fg_depth is not None else None
         bg_d = prepare_depth(bg_depth, height, width).to(device, dtype) if bg_depth is not None else None
         if (fg_d is not None or bg_d is not None) and self.local_fuser is None:
@@ -413,6 +430,7 @@ class CnCPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
         mask_source: str = "saliency",
         fg_depth_mode: str = "masked_image",
         mask_resize: str = "official",
+        depth_preprocessing: str = "official",
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 50,
@@ -458,6 +476,9 @@ class CnCPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
                 times its mask), ``image`` (depth of the raw image) or ``masked_depth`` (depth times mask).
             mask_resize: how the mask reaches each attention resolution: ``official`` (bicubic, any
                 non-zero value is foreground) or ``area`` (area average >= 0.5).
+            depth_preprocessing: for ``*_depth_image``: ``official`` (the image in [0, 1] at the
+                output size, no normalisation, as the demo's MiDaS call) or ``processor``
+                (``depth_processor``'s resize and normalisation).
             height, width: output size; default: the depth map's size rounded down to a multiple
                 of 8, else the UNet's default (512 for SD 1.5).
             num_inference_steps, guidance_scale: DDIM 50 and 7 by default (the paper's sampler
@@ -478,7 +499,7 @@ class CnCPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, glod, height, width, num_inference_steps,
-            num_images_per_prompt, missing_conditions, mask_source, fg_depth_mode, mask_resize,
+            num_images_per_prompt, missing_conditions, mask_source, fg_depth_mode, mask_resize, depth_preprocessing,
             dict(lambda_fg=lambda_fg, lambda_bg=lambda_bg, depth_scale=depth_scale, fg_depth_scale=fg_depth_scale,
                  bg_depth_scale=bg_depth_scale, mask_threshold=mask_threshold),
             callback_on_step_end_tensor_inputs,
@@ -509,7 +530,7 @@ class CnCPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
             bg_image_embeds=bg_image_embeds, mask=mask, mask_threshold=mask_threshold,
             lambda_fg=lambda_fg, lambda_bg=lambda_bg, depth_scale=depth_scale, fg_depth_scale=fg_depth_scale,
             bg_depth_scale=bg_depth_scale, missing_conditions=missing_conditions, mask_source=mask_source,
-            fg_depth_mode=fg_depth_mode, mask_resize=mask_resize,
+            fg_depth_mode=fg_depth_mode, mask_resize=mask_resize, depth_preprocessing=depth_preprocessing,
         ).per_image(num_images_per_prompt)  # fmt: skip
         self._check_condition_batch(conditions, batch)
 
@@ -567,6 +588,7 @@ class CnCPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
         mask_source: str,
         fg_depth_mode: str,
         mask_resize: str,
+        depth_preprocessing: str,
         scales: dict[str, float],
         callback_on_step_end_tensor_inputs: list[str] | None,
     ) -> None:
@@ -587,7 +609,8 @@ class CnCPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
         for name, value, allowed in (("missing_conditions", missing_conditions, MISSING_CONDITIONS),
                                      ("mask_source", mask_source, MASK_SOURCES),
                                      ("fg_depth_mode", fg_depth_mode, FG_DEPTH_MODES),
-                                     ("mask_resize", mask_resize, MASK_RESIZE_RULES)):
+                                     ("mask_resize", mask_resize, MASK_RESIZE_RULES),
+                                     ("depth_preprocessing", depth_preprocessing, DEPTH_PREPROCESSING)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         for name, value in scales.items():

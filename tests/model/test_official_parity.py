@@ -144,21 +144,22 @@ def test_fg_depth_from_an_image_is_the_depth_of_the_masked_image():
     mask = pipe.saliency_mask(fg, 64, 64, CPU)
     assert not torch.equal(mask, pipe.saliency_mask(exemplar, 64, 64, CPU))
     rgb = torch.from_numpy(np.array(fg)).permute(2, 0, 1)[None].float() / 255
-    masked = PIL_image((rgb * mask)[0])
+    with torch.no_grad():  # GetDepthMap: MiDaS on the [0, 1] image itself, min-max normalised
+        raw_net = estimator(pixel_values=rgb * mask).predicted_depth[:, None]
+    expected = (raw_net - raw_net.min()) / (raw_net.max() - raw_net.min()).clamp_min(1e-8)
     cond = pipe.prepare_conditions(64, 64, CPU, torch.float32, fg_depth_image=fg, fg_exemplar=exemplar)
-    assert torch.equal(cond.fg_depth, pipe.estimate_depth(masked, 64, 64, CPU))
+    from cnc_model.cnc.conditioning import prepare_depth
+
+    torch.testing.assert_close(cond.fg_depth, prepare_depth(expected, 64, 64), rtol=0, atol=1e-6)
+    assert torch.equal(cond.fg_depth, pipe.estimate_depth(rgb * mask, 64, 64, CPU))
     assert torch.equal(cond.mask, mask)  # the fg image, not the exemplar, anchors the mask
     raw = pipe.estimate_depth(fg, 64, 64, CPU)
     v1 = pipe.prepare_conditions(64, 64, CPU, torch.float32, fg_depth_image=fg, fg_depth_mode="image")
     v3 = pipe.prepare_conditions(64, 64, CPU, torch.float32, fg_depth_image=fg, fg_depth_mode="masked_depth")
     assert torch.equal(v1.fg_depth, raw) and torch.equal(v3.fg_depth, raw * mask)
     assert not torch.equal(cond.fg_depth, raw)
-
-
-def PIL_image(chw: torch.Tensor):
-    import PIL.Image
-
-    return PIL.Image.fromarray((chw.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    processor = pipe.prepare_conditions(64, 64, CPU, torch.float32, fg_depth_image=fg, depth_preprocessing="processor")
+    assert not torch.equal(processor.fg_depth, cond.fg_depth)  # the processor's resize + mean/std differ
 
 
 # ------------------------------------------------------------------ item 11: defaults
