@@ -62,11 +62,12 @@ def glod_plan(
     spec: Any, encode: Callable[[str], torch.Tensor], latent_size: tuple[int, int], num_images: int
 ) -> DenoisePlan:
     """GLoD's global and local prompt layers (noise composition; layout guidance is not part of
-    CnC's loop and is skipped with a warning). ``encode(text)`` returns ``(1, T, D)`` embeddings."""
+    CnC's loop: skipped, with a warning when the spec sets ``layout_guidance`` itself).
+    ``encode(text)`` returns ``(1, T, D)`` embeddings."""
     from cnc_model.glod.composition import stack_prompt_embeds
     from cnc_model.glod.prepare import composition_from_spec
 
-    if spec.layout_guidance.enabled:
+    if spec.layout_guidance.enabled and spec.local_prompts and "layout_guidance" in spec.model_fields_set:
         logger.warning("CnCPipeline composes GLoD prompts without layout guidance: the spec's layout_guidance "
                        "(strength %s) is not applied; GLoDPipeline applies it", spec.layout_guidance.strength)
     composition = composition_from_spec(spec, latent_size)

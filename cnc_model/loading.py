@@ -12,10 +12,15 @@ from cnc_model.tiny import tiny_clip_image_encoder, tiny_sd_components
 
 
 def tiny_cnc_pipeline(seed: int = 0) -> CnCPipeline:
-    """An untrained CnC pipeline on the tiny SD parts and tiny CLIP image encoder (64 px)."""
+    """An untrained CnC pipeline on the tiny SD parts and tiny CLIP image encoder (64 px), with a
+    tiny U2-Net attached for the soft-guidance mask."""
+    from cnc_model.annotators.saliency import SaliencyModel
+
     encoder, processor = tiny_clip_image_encoder(seed)
     torch.manual_seed(seed + 100)
-    return CnCPipeline.from_sd(tiny_sd_components(seed), image_encoder=encoder, feature_extractor=processor)
+    pipe = CnCPipeline.from_sd(tiny_sd_components(seed), image_encoder=encoder, feature_extractor=processor)
+    pipe.set_saliency_model(SaliencyModel.tiny(seed, device="cpu"))
+    return pipe
 
 
 def load_pipeline(model: str | os.PathLike, device: str | torch.device | None = None) -> CnCPipeline:

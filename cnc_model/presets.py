@@ -36,7 +36,9 @@ class Preset:
     clip_image: str
     """CLIP image encoder (``CLIPVisionModelWithProjection``) giving the exemplar embeddings."""
     resolution: int = 512
-    """Training / generation resolution in pixels."""
+    """Training and triplet resolution in pixels."""
+    eval_resolution: int = 512
+    """Generation / evaluation resolution: 768 for sd15, as the official demo and the paper."""
 
     @property
     def is_tiny(self) -> bool:
@@ -57,11 +59,14 @@ PRESETS: dict[str, Preset] = {
         name="sd15",
         sd="stable-diffusion-v1-5/stable-diffusion-v1-5",
         sd_inpaint="runwayml/stable-diffusion-inpainting",
-        depth="Intel/dpt-hybrid-midas",
+        # MiDaS DPT-Large, the network of the CnC reference (torch.hub "DPT_Large"); the released
+        # checkpoints were trained on its maps. "Intel/dpt-hybrid-midas" is the lighter option.
+        depth="Intel/dpt-large",
         # U2-Net weights are published as a plain .pth file; download u2net.pth and point here.
         saliency="u2net.pth",
         clip_image="openai/clip-vit-large-patch14",
         resolution=512,
+        eval_resolution=768,
     ),
     TINY: Preset(
         name=TINY,
@@ -71,6 +76,7 @@ PRESETS: dict[str, Preset] = {
         saliency=TINY,
         clip_image=TINY,
         resolution=64,
+        eval_resolution=64,
     ),
 }
 

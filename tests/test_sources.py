@@ -224,6 +224,32 @@ def test_row_verdict_keeps_only_the_preferred_image_of_a_clean_labelled_pair():
     assert row_verdict({**row, "image_1_uid": None})[2] == "missing_image_uid"
 
 
+def test_official_selection_keeps_jpg_1_on_ties_as_parse_pickapic(memory_url):
+    """data/parse_pickapic.py: jpg_0 if label_0 > label_1 else jpg_1 (ties, unlabelled pairs too);
+    captions split on whitespace after removing ':'."""
+    from tasks.sources.pickapic import official_row_verdict
+
+    row = {"caption": "a cat on a red sofa", "has_label": True, "label_0": 0.0, "label_1": 1.0,
+           "image_0_uid": "u0", "image_1_uid": "u1"}
+    assert official_row_verdict({**row, "label_0": 1.0, "label_1": 0.0}) == (0, "u0", None)
+    assert official_row_verdict({**row, "label_0": 0.5, "label_1": 0.5}) == (1, "u1", None)
+    assert official_row_verdict({**row, "has_label": False, "label_0": 0.0, "label_1": 0.0}) == (1, "u1", None)
+    assert official_row_verdict({**row, "label_0": float("nan")}) == (1, "u1", None)
+    assert official_row_verdict({**row, "label_0": None}) == (1, "u1", None)
+    assert official_row_verdict({**row, "caption": "red-cube:sofa"})[2] == "caption_too_short"  # one word
+    assert row_verdict({**row, "caption": "red-cube:sofa"})[2] is None  # ours counts 3 words
+    assert official_row_verdict({**row, "caption": "a NUDE cat on a sofa"})[2] == "nsfw_caption"
+    tie = [PickapicPair("a tie between two pictures", b"0", b"1", 0.5, 0.5, image_0_uid="t0", image_1_uid="t1"),
+           PickapicPair("an unlabelled pair of pictures", b"0", b"1", 0.0, 0.0, has_label=False,
+                        image_0_uid="n0", image_1_uid="n1")]
+    write_pickapic(f"{memory_url}/p.parquet", tie)
+    assert list(get_source("pickapic", memory_url, selection="official").list_refs()) == ["p.parquet:0:t1", "p.parquet:1:n1"]
+    assert list(get_source("pickapic", memory_url).list_refs()) == ["p.parquet:0", "p.parquet:1"]  # rejected
+    assert "selection" not in get_source("pickapic", memory_url).describe()["options"]
+    with pytest.raises(SourceError, match="selection"):
+        get_source("pickapic", memory_url, selection="best")
+
+
 def test_nsfw_prompt_matches_words_not_substrings():
     assert is_nsfw_prompt("Portrait, NSFW, oil painting")
     assert is_nsfw_prompt("a 女 portrait")

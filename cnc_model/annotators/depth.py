@@ -28,19 +28,27 @@ DTYPE_KW = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 MAX_UINT16 = 65535
+PREPROCESSING = ("official", "processor")
+"""``official``: the CnC reference's MiDaS call (``utils/primitives.py`` ``GetDepthMap``): the image
+in [0, 1] at 512 px, no mean/std. ``processor``: the model folder's ``preprocessor_config.json``
+(384 px, mean = std = 0.5 for the Intel DPT checkpoints)."""
+OFFICIAL_INPUT_SIZE = 512
 
 
 class DepthEstimator:
     """Batched depth: ``predict(images) -> (B, H, W) float32 in [0, 1]`` at each input's own size.
 
-    Pre-processing happens in torch (resize to the model's input size, scale to [0, 1], normalise
-    with the processor's mean/std), read from ``preprocessor_config.json`` when the model folder has
-    one; the defaults are those of the Intel DPT checkpoints (384 px, mean = std = 0.5).
+    Pre-processing happens in torch (resize to the model's input size, scale to [0, 1], then, when
+    ``normalize``, subtract the mean and divide by the std). :meth:`from_pretrained` chooses the
+    rule (:data:`PREPROCESSING`): ``official`` (default) feeds [0, 1] images at 512 px as the CnC
+    reference's MiDaS call does; ``processor`` reads ``preprocessor_config.json``.
     """
 
     def __init__(self, model: DPTForDepthEstimation, input_size: int | tuple[int, int] | None = None,
-                 image_mean: Sequence[float] = (0.5, 0.5, 0.5), image_std: Sequence[float] = (0.5, 0.5, 0.5)):
+                 image_mean: Sequence[float] = (0.5, 0.5, 0.5), image_std: Sequence[float] = (0.5, 0.5, 0.5),
+                 normalize: bool = True):
         self.model = model.eval()
+        self.normalize = normalize
         size = input_size or model.config.image_size
         self.input_size = (size, size) if isinstance(size, int) else tuple(size)
         self.image_mean = tuple(float(v) for v in image_mean)
@@ -58,14 +66,20 @@ class DepthEstimator:
 
     @classmethod
     def from_pretrained(cls, model_id_or_path: str | os.PathLike, device: str | None = None,
-                        torch_dtype: torch.dtype | None = None, **kwargs) -> "DepthEstimator":
-        """Load a DPT depth model (hub id such as ``Intel/dpt-hybrid-midas`` or a local folder).
+                        torch_dtype: torch.dtype | None = None, preprocessing: str = "official",
+                        **kwargs) -> "DepthEstimator":
+        """Load a DPT depth model (hub id such as ``Intel/dpt-large`` or a local folder).
 
-        fp16 on CUDA unless ``torch_dtype`` says otherwise."""
+        ``preprocessing``: ``official`` ([0, 1] at 512 px, the CnC reference) or ``processor`` (the
+        folder's processor config). fp16 on CUDA unless ``torch_dtype`` says otherwise."""
+        if preprocessing not in PREPROCESSING:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if torch_dtype is None:
             torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
         model = DPTForDepthEstimation.from_pretrained(model_id_or_path, **{DTYPE_KW: torch_dtype}, **kwargs)
+        if preprocessing == "official":
+            return cls(model.to(device), OFFICIAL_INPUT_SIZE, normalize=False)
         pre = _read_preprocessor(model_id_or_path, kwargs)
         size = pre.get("size")
         if isinstance(size, dict):
@@ -94,6 +108,8 @@ class DepthEstimator:
         """HxWx3 uint8 images (same size) -> normalised (B, 3, h, w) model input."""
         x = torch.from_numpy(np.stack([np.asarray(im)[..., :3] for im in images])).permute(0, 3, 1, 2).float() / 255
         x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        if not self.normalize:
+            return x.to(self.device, self.dtype)
         mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
         std = torch.tensor(self.image_std).view(1, 3, 1, 1)
         return ((x - mean) / std).to(self.device, self.dtype)

@@ -1,9 +1,15 @@
 """Salient-object masks for sources without labels (Pick-a-Pic): U2-Net probabilities, thresholded.
 
-Pre- and post-processing follow the public U2-Net test script: resize to 320², divide by the
-image's maximum, normalise with the ImageNet mean/std, keep the fused output, min-max normalise it
-per image and resize it back to the input size. :meth:`SaliencyModel.masks` thresholds that map
-to a strictly binary {0, 255} mask.
+Two pre/post-processing rules (``preprocessing=``):
+
+* ``"official"`` (default): the CnC reference's ``GetSODMask`` (``utils/primitives.py``): the image
+  in [0, 1] resized bilinearly to 320² (no normalisation), the fused sigmoid output thresholded at
+  0.5, and that binary map resized bilinearly back to the input size (soft edges).
+* ``"u2net_test"``: the public U2-Net test script: divide by the image's maximum, ImageNet
+  mean/std, min-max normalise the fused output per image, resize back.
+
+:meth:`SaliencyModel.masks` thresholds :meth:`SaliencyModel.probabilities` to a strictly binary
+{0, 255} mask.
 """
 
 from __future__ import annotations
@@ -19,12 +25,17 @@ from cnc_model.annotators.u2net import U2Net, tiny_u2net
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESSING = ("official", "u2net_test")
 
 
 class SaliencyModel:
     """``probabilities(images) -> (B, H, W) float32 in [0, 1]``; ``masks(images) -> (B, H, W) uint8 {0, 255}``."""
 
-    def __init__(self, model: U2Net, input_size: int = 320, threshold: float = 0.5, device: str | None = None):
+    def __init__(self, model: U2Net, input_size: int = 320, threshold: float = 0.5, device: str | None = None,
+                 preprocessing: str = "official"):
+        if preprocessing not in PREPROCESSING:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
+        self.preprocessing = preprocessing
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.eval().to(self.device)
         self.input_size = input_size
@@ -44,9 +55,18 @@ class SaliencyModel:
         self.model.save_pretrained(path)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """HxWx3 uint8 images (same size) -> the model input under :attr:`preprocessing`."""
         x = torch.from_numpy(np.stack([np.asarray(im)[..., :3] for im in images])).permute(0, 3, 1, 2).float()
-        x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
-                          antialias=True)
+        return self.preprocess_tensor(x / 255.0)
+
+    def preprocess_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` float in [0, 1] -> the model input under :attr:`preprocessing`."""
+        size = (self.input_size, self.input_size)
+        if self.preprocessing == "official":  # GetSODMask: bilinear, no antialias, no normalisation
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            return x.to(self.device)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         peak = x.amax(dim=(1, 2, 3), keepdim=True)
         x = x / torch.where(peak > 0, peak, torch.ones_like(peak))  # an all-black image stays zero
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -58,13 +78,24 @@ class SaliencyModel:
         """Per-pixel saliency of each image at its own size (all images of a call share one size)."""
         if not len(images):
             return np.zeros((0, 0, 0), np.float32)
-        h, w = np.asarray(images[0]).shape[:2]
-        fused = self.model(self.preprocess(images))[0].float()  # (B, 1, s, s)
+        x = torch.from_numpy(np.stack([np.asarray(im)[..., :3] for im in images])).permute(0, 3, 1, 2).float()
+        return self.probabilities_tensor(x / 255.0)[:, 0].cpu().numpy()
+
+    @torch.no_grad()
+    def probabilities_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` float in [0, 1] -> ``(B, 1, H, W)`` float in [0, 1] at the same size.
+
+        ``official``: the binary (> 0.5) U2-Net map resized bilinearly, so edges are soft;
+        ``u2net_test``: the min-max normalised fused map."""
+        h, w = x.shape[-2:]
+        fused = self.model(self.preprocess_tensor(x.float()))[0].float()  # (B, 1, s, s)
+        if self.preprocessing == "official":
+            fused = (fused.clamp(0, 1) > 0.5).float()
+            return F.interpolate(fused, size=(h, w), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
         lo = fused.amin(dim=(1, 2, 3), keepdim=True)
         span = fused.amax(dim=(1, 2, 3), keepdim=True) - lo
         fused = torch.where(span > 1e-8, (fused - lo) / span.clamp_min(1e-8), torch.zeros_like(fused))
-        out = F.interpolate(fused, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
-        return out.clamp(0, 1).cpu().numpy()
+        return F.interpolate(fused, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
 
     def masks(self, images: Sequence[np.ndarray], threshold: float | None = None) -> np.ndarray:
         """Binary masks: 255 where the probability exceeds the threshold, else 0."""

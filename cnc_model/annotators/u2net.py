@@ -246,7 +246,11 @@ class U2Net(nn.Module):
 
 
 def tiny_u2net(seed: int = 0) -> U2Net:
-    """Seeded tiny U2-Net with non-trivial batch-norm statistics (so eval mode is not the identity)."""
+    """Seeded tiny U2-Net with non-trivial batch-norm statistics (so eval mode is not the identity).
+
+    The fusion conv is calibrated so that, on a fixed image (a bright box on black, in [0, 1]), the
+    fused logit has mean 0 and std 3: random weights alone give sigmoids within ~0.01 of each other,
+    all on one side of 0.5, so the reference's raw ``> 0.5`` rule would give empty masks."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = U2Net(U2NetConfig.tiny())
@@ -255,4 +259,11 @@ def tiny_u2net(seed: int = 0) -> U2Net:
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return model.eval()
+        model.eval()
+        probe = torch.zeros(1, 3, 64, 64)
+        probe[..., 16:48, 12:40] = 1.0
+        logit = torch.logit(model(probe)[0].double().clamp(1e-12, 1 - 1e-12))
+        scale = 3.0 / float(logit.std().clamp_min(1e-12))
+        model.outconv.weight.mul_(scale)
+        model.outconv.bias.copy_((model.outconv.bias - float(logit.mean())) * scale)
+    return model

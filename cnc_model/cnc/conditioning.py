@@ -106,6 +106,8 @@ class CnCConditions:
     bg_tokens: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     depth_scale: float = 1.0
+    mask_resize: str = "official"
+    """How the mask reaches each attention resolution (:data:`~cnc_model.cnc.soft_guidance.MASK_RESIZE_RULES`)."""
 
     def per_image(self, num_images_per_prompt: int) -> "CnCConditions":
         """Per-prompt conditions -> per-image ones (``repeat_interleave``, as the prompts are)."""
@@ -116,7 +118,7 @@ class CnCConditions:
             return x if x is None or x.shape[0] == 1 else x.repeat_interleave(num_images_per_prompt, dim=0)
 
         return CnCConditions(rep(self.fg_depth), rep(self.bg_depth), rep(self.fg_tokens), rep(self.bg_tokens),
-                             rep(self.mask), self.depth_scale)  # fmt: skip
+                             rep(self.mask), self.depth_scale, self.mask_resize)  # fmt: skip
 
     @property
     def has_depth(self) -> bool:
@@ -140,7 +142,7 @@ class CnCConditions:
         if not self.has_exemplars or self.mask is None:
             return None
         mask = self.mask if self.mask.shape[0] == 1 else expand_batch(self.mask, batch)
-        return SoftGuidance(mask, latent_size, self.fg_tokens.shape[1], self.bg_tokens.shape[1])
+        return SoftGuidance(mask, latent_size, self.fg_tokens.shape[1], self.bg_tokens.shape[1], self.mask_resize)
 
 
 def cnc_noise_prediction(

@@ -12,15 +12,28 @@ Key layout of the LDM local adapter (``L`` = ResBlocks per level, ``n`` = levels
 (Local)ResBlock ``.0`` and optionally a SpatialTransformer ``.1``, ``r == L`` a Downsample
 ``.0.op``; ``zero_convs.k.0``; ``middle_block.{0,1,2}``; ``middle_block_out.0``; ``time_embed.{0,2}``;
 ``feature_extractor.{fg,bg}_extractor.{0,2,4,6}``, ``.extractors.i.0``, ``.zero_convs.i``.
+
+A Uni-ControlNet checkpoint (``uni.ckpt``) has the same local-adapter layout except its condition
+encoder's first stage, ``feature_extractor.pre_extractor.*`` (one stream of 21 channels, where CnC
+has ``fg_extractor`` / ``bg_extractor``); it also holds Uni's content adapter ``global_adapter.*``
+(``ff1``/``ff2``/``norm1``/``norm2``, no fg/bg streams). The reference's ``init_local_fromuni``
+copies every same-named key, so ``extractors.*`` and ``zero_convs.*`` come along and the rest is new.
+
+Files are read without unpickling arbitrary objects (:func:`read_checkpoint`): safetensors as is,
+``.ckpt`` / ``.pth`` through ``torch.load(weights_only=True)`` with an allow-list of the few
+globals a full Lightning checkpoint needs (its ``AttributeDict`` read as a plain dict, numpy
+scalars and arrays in callback states).
 """
 
 from __future__ import annotations
 
-import functools
+import collections
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,6 +58,57 @@ _RESNET_PARTS = {
     "norm_out": "norm_out",
 }
 _GLOBAL_PARTS = re.compile(r"^(ff1|ff2|norm1|norm2)_(fg|bg)\.(.+)$")
+UNI_ONLY_LOCAL = ("feature_extractor.pre_extractor.",)
+"""Uni-ControlNet local-adapter keys with no same-named CnC key (its one-stream condition encoder)."""
+
+
+def _lightning_allowlist() -> list:
+    """Globals a full Lightning checkpoint pickles besides tensors, each mapped to a harmless type:
+    Lightning's ``AttributeDict`` (hyper-parameters) is read as an ``OrderedDict``; numpy scalars,
+    dtypes and arrays (callback states) as numpy's own, under both numpy 1 and 2 module names."""
+    allow: list = []
+    for module in ("pytorch_lightning.utilities.parsing", "lightning.pytorch.utilities.parsing",
+                   "lightning_fabric.utilities.data", "lightning.fabric.utilities.data"):
+        allow.append((collections.OrderedDict, f"{module}.AttributeDict"))
+    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    for package in ("numpy.core", "numpy._core"):
+        allow += [(core.scalar, f"{package}.multiarray.scalar"), (core._reconstruct, f"{package}.multiarray._reconstruct")]
+    allow += [np.dtype, np.ndarray]
+    for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
+        if hasattr(np, "dtypes") and hasattr(np.dtypes, name):
+            allow.append((getattr(np.dtypes, name), f"numpy.dtypes.{name}"))
+    return allow
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``: ``.safetensors`` directly; otherwise ``torch.load`` with
+    ``weights_only=True`` and the Lightning allow-list (never arbitrary unpickling). A file that
+    needs any other global is refused with the globals named. Unwraps a ``state_dict`` entry."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        with torch.serialization.safe_globals(_lightning_allowlist()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - the names are a courtesy; the refusal stands
+            unsafe = []
+        names = ", ".join(name for name in unsafe if name not in {n for _, n in _named(_lightning_allowlist())})
+        raise ValueError(f"{path}: refused to unpickle (only tensors, Lightning metadata and numpy scalars are "
+                         f"allowed){': needs ' + names if names else ''}; convert it to safetensors") from exc
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: not a state dict (got {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def _named(allow: list) -> list[tuple]:
+    return [item if isinstance(item, tuple) else (item, f"{item.__module__}.{item.__qualname__}") for item in allow]
 
 
 class UnmatchedKeysError(KeyError):
@@ -125,11 +189,12 @@ def infer_layers_per_block(local_keys: list[str]) -> int:
 
 
 def convert_cnc_checkpoint(
-    state_dict: dict[str, torch.Tensor], skip_feature_extractor: bool = False
+    state_dict: dict[str, torch.Tensor], from_uni_controlnet: bool = False
 ) -> ConvertedCheckpoint:
-    """Rename an official CnC (or Uni-ControlNet, with ``skip_feature_extractor=True``: its
-    condition encoder differs from CnC's depth streams) state dict. Raises
-    :class:`UnmatchedKeysError` naming every key that fits nowhere."""
+    """Rename an official CnC state dict, or (``from_uni_controlnet=True``) a Uni-ControlNet one as
+    the reference's ``init_local_fromuni`` reads it: every same-named local-adapter key, Uni's
+    ``pre_extractor`` and content adapter skipped. Raises :class:`UnmatchedKeysError` naming
+    every key that fits nowhere."""
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
     local_src = {k[len(LOCAL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(LOCAL_PREFIX)}
@@ -137,10 +202,10 @@ def convert_cnc_checkpoint(
     glob: dict[str, torch.Tensor] | None = None
     skipped, unmatched = [], []
     if local_src:
-        layers = infer_layers_per_block(list(local_src)) if not skip_feature_extractor else _layers_from_blocks(local_src)
+        layers = _layers_from_blocks(local_src) if from_uni_controlnet else infer_layers_per_block(list(local_src))
         local = {}
         for key, value in local_src.items():
-            if skip_feature_extractor and key.startswith("feature_extractor."):
+            if from_uni_controlnet and key.startswith(UNI_ONLY_LOCAL):
                 skipped.append(LOCAL_PREFIX + key)
                 continue
             new = _local_key(key, layers)
@@ -151,7 +216,9 @@ def convert_cnc_checkpoint(
     for key, value in state_dict.items():
         if key.startswith(LOCAL_PREFIX):
             continue
-        if key.startswith(GLOBAL_PREFIX):
+        if key.startswith(GLOBAL_PREFIX) and from_uni_controlnet:
+            skipped.append(key)  # Uni's content adapter: not CnC's global fuser
+        elif key.startswith(GLOBAL_PREFIX):
             new = _global_key(key[len(GLOBAL_PREFIX) :])
             if new is None:
                 unmatched.append(key)
@@ -189,77 +256,6 @@ def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str,
     module.load_state_dict(state_dict, strict=not allow_missing)
 
 
-class _Inert:
-    """Stands in for a class a Lightning checkpoint names beside the weights (a callback used as a
-    dict key, a hyper-parameter namespace): built with its state as data, no code of it runs."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state: object) -> None:
-        self.state = state
-
-    def __hash__(self) -> int:
-        return id(type(self))
-
-
-@functools.lru_cache(maxsize=1)
-def _lightning_safe_globals() -> list:
-    """The globals (beyond torch's own weights-only set) that PyTorch Lightning checkpoints carry:
-    numpy scalars and dtypes in callback states, callback classes as keys, hyper-parameter
-    containers. Lightning classes are replaced by inert stand-ins; nothing else unpickles."""
-    import argparse
-
-    import numpy as np
-
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy 1
-        from numpy.core.multiarray import scalar
-    entries: list = [np.dtype, argparse.Namespace]
-    for name in ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"):
-        entries.append((scalar, name))  # files written under numpy 1 or 2
-    entries += [(type(np.dtype(t)), f"numpy.dtypes.{type(np.dtype(t)).__name__}")
-                for t in ("float64", "float32", "int64", "int32", "bool")]
-    for package in ("pytorch_lightning", "lightning.pytorch"):
-        for module, cls in (("callbacks.model_checkpoint", "ModelCheckpoint"),
-                            ("callbacks.early_stopping", "EarlyStopping"),
-                            ("callbacks.lr_monitor", "LearningRateMonitor")):
-            entries.append((type(cls, (_Inert,), {}), f"{package}.{module}.{cls}"))  # one stand-in per class
-    for name in ("pytorch_lightning.utilities.parsing.AttributeDict", "lightning.fabric.utilities.data.AttributeDict",
-                 "lightning_fabric.utilities.data.AttributeDict"):
-        entries.append((dict, name))  # hyper-parameters come back as a plain dict
-    return entries
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """A checkpoint file as a dict, without running code from it: safetensors (by content, any
-    extension) first; otherwise ``torch.load(weights_only=True)`` with only the extra globals a
-    PyTorch Lightning ``.ckpt`` needs (:func:`_lightning_safe_globals`). Anything else is a
-    one-line ValueError naming the global it wanted."""
-    import pickle
-
-    path = str(path)
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    if path.endswith(".safetensors") or (len(head) == 9 and head[8:9] == b"{"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    try:
-        with torch.serialization.safe_globals(_lightning_safe_globals()):
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if "WeightsUnpickler error" in line]
-        detail = (after or [line for line in lines if "GLOBAL" in line] or lines or [type(exc).__name__])[0]
-        raise ValueError(f"{path}: refused to unpickle ({detail}); only tensors, containers and the "
-                         "globals of a Lightning checkpoint load") from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: holds a {type(loaded).__name__}, not a state dict or a Lightning checkpoint")
-    return loaded
-
-
 def load_cnc_checkpoint(
     checkpoint: str | os.PathLike | dict[str, torch.Tensor],
     local_fuser: nn.Module | None = None,
@@ -267,19 +263,19 @@ def load_cnc_checkpoint(
     from_uni_controlnet: bool = False,
 ) -> ConvertedCheckpoint:
     """Convert ``checkpoint`` (a path to a ``.ckpt``/``.pth``/``.safetensors``, read by
-    :func:`read_checkpoint` without unpickling code, or a state dict)
-    and load it into the given fusers. A Uni-ControlNet local adapter initialises the UNet copy
-    and FDN layers only (``from_uni_controlnet=True``), leaving the depth encoder as it is."""
+    :func:`read_checkpoint`, or a state dict) and load it into the given fusers. A Uni-ControlNet
+    checkpoint (``from_uni_controlnet=True``) initialises the UNet copy, the FDN layers and the
+    depth encoder's ``extractors`` / ``zero_convs``; the fg/bg streams keep their initialisation."""
     if not isinstance(checkpoint, dict):
         checkpoint = read_checkpoint(checkpoint)
-    converted = convert_cnc_checkpoint(checkpoint, skip_feature_extractor=from_uni_controlnet)
+    converted = convert_cnc_checkpoint(checkpoint, from_uni_controlnet=from_uni_controlnet)
     if local_fuser is not None:
         if converted.local_fuser is None:
             raise UnmatchedKeysError("checkpoint has no local_adapter.* keys", [])
-        allow = ("depth_encoder.",) if from_uni_controlnet else ()
+        allow = ("depth_encoder.fg_stream.", "depth_encoder.bg_stream.") if from_uni_controlnet else ()
         load_into(local_fuser, converted.local_fuser, "local fuser", allow_missing=allow)
     if global_fuser is not None:
         if converted.global_fuser is None:
-            raise UnmatchedKeysError("checkpoint has no global_adapter.* keys", [])
+            raise UnmatchedKeysError("checkpoint has no CnC global_adapter.* keys", [])
         load_into(global_fuser, converted.global_fuser, "global fuser")
     return converted

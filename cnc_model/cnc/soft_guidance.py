@@ -24,6 +24,11 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 NUM_EXEMPLAR_TOKENS = 4
 """Tokens per exemplar (fg and bg each) produced by the global fuser."""
 
+MASK_RESIZE_RULES = ("official", "area")
+"""How the mask reaches an attention resolution: ``official`` = the reference's bicubic resize
+without antialias, then any non-zero value is foreground (edges dilate, thin objects survive);
+``area`` = area average, then ``>= 0.5`` (ours: no ringing, but a thin object can vanish)."""
+
 
 def attention_resolutions(latent_size: tuple[int, int], num_levels: int = 8) -> list[tuple[int, int]]:
     """Spatial sizes of a UNet's levels: the latent size, then halved with ceil as stride-2 convs do."""
@@ -40,10 +45,13 @@ class SoftGuidance:
 
     Args:
         mask: ``(B or 1, 1, H, W)`` or ``(B or 1, H, W)`` tensor, 1 = foreground. Any size; it is
-            resized to each attention resolution (area average, then ``>= 0.5``).
+            resized to each attention resolution by ``mask_resize``.
         latent_size: ``(h, w)`` of the UNet input, used to recover the 2-D shape of a flattened
             query sequence.
         num_fg_tokens, num_bg_tokens: exemplar tokens at the END of the context (fg then bg).
+        mask_resize: ``"official"`` (default: bicubic without antialias, any non-zero value is
+            foreground, as the reference's ``MaskedCrossAttention``) or ``"area"`` (area average,
+            then ``>= 0.5``); see :data:`MASK_RESIZE_RULES`.
     """
 
     def __init__(
@@ -52,7 +60,11 @@ class SoftGuidance:
         latent_size: tuple[int, int],
         num_fg_tokens: int = NUM_EXEMPLAR_TOKENS,
         num_bg_tokens: int = NUM_EXEMPLAR_TOKENS,
+        mask_resize: str = "official",
     ) -> None:
+        if mask_resize not in MASK_RESIZE_RULES:
+            raise ValueError(f"mask_resize must be one of {MASK_RESIZE_RULES}, got {mask_resize!r}")
+        self.mask_resize = mask_resize
         if mask.ndim == 3:
             mask = mask[:, None]
         if mask.ndim != 4 or mask.shape[1] != 1:
@@ -70,8 +82,10 @@ class SoftGuidance:
 
     def resized_mask(self, size: tuple[int, int]) -> torch.Tensor:
         """Binary mask at ``size``: ``(B or 1, h*w)`` bool, True = foreground."""
-        resized = F.interpolate(self.mask, size=size, mode="area")
-        return (resized >= 0.5).flatten(1)
+        if self.mask_resize == "area":
+            return (F.interpolate(self.mask, size=size, mode="area") >= 0.5).flatten(1)
+        resized = F.interpolate(self.mask, size=size, mode="bicubic", align_corners=False, antialias=False)
+        return (resized != 0).flatten(1)
 
     def bias(self, query_length: int, key_length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Additive bias ``(B or 1, 1, query_length, key_length)`` for one attention call."""

@@ -1,13 +1,15 @@
 """Layout (backward) guidance: pull each object's cross-attention mass into its region.
 
-Following training-free layout control (Chen et al. 2023), for object ``o`` with token positions
-``T_o`` and region ``R_o`` the energy of one cross-attention map ``A`` (softmax over tokens) is
+Following training-free layout control (Chen et al. 2023, ``silent-chen/layout-guidance``
+``compute_ca_loss``), for object ``o`` with token positions ``T_o`` and region ``R_o`` the energy of
+one cross-attention layer with heads ``h`` (softmax over tokens) is
 
-    E_o = (1 − Σ_{p∈R_o} Ā_o(p) / Σ_p Ā_o(p))²,     Ā_o = mean over t∈T_o of A[:, t]
+    E_o = mean over t∈T_o of  mean over h of (1 − Σ_{p∈R_o} A_h[p, t] / Σ_p A_h[p, t])²
 
-averaged over the chosen layers and the objects; the latent is nudged by
-``x_t ← x_t − strength · σ_t² · ∇_{x_t} E`` with ``σ_t² = (1 − ᾱ_t) / ᾱ_t`` (the reference
-implementation's update with its ``loss_scale`` as ``strength``; 30 there). The maps come from :class:`AttentionStore`,
+(per token and per head, then averaged), averaged over the chosen layers and the objects; the
+latent is nudged by ``x_t ← x_t − strength · σ_t² · ∇_{x_t} E`` with ``σ_t² = (1 − ᾱ_t) / ᾱ_t``
+(the reference's update with its ``loss_scale`` as ``strength``; 30 there), up to ``iterations``
+times while the loss is above a threshold. The maps come from :class:`AttentionStore`,
 whose processor computes them only while the store is recording and always takes the layer's
 output from the processor it replaced; it is only installed when guidance (or debugging) is on:
 off costs nothing.
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 
 class AttentionStore:
-    """Collects cross-attention probabilities (averaged over heads) of the layers it is installed on.
+    """Collects cross-attention probabilities ``(rows, heads, q, k)`` of the layers it is installed on.
 
     ``rows`` limits recording to some batch rows (e.g. the global prompts' block); ``detach``
     drops the graph (for debugging pictures) instead of keeping it (for the guidance loss).
@@ -41,8 +43,8 @@ class AttentionStore:
         self.maps = []
 
     def record(self, probs: torch.Tensor, batch: int) -> None:
-        """Keep ``probs`` ``(batch * heads, q, k)`` as ``(rows, q, k)`` averaged over heads."""
-        maps = probs.reshape(batch, -1, *probs.shape[1:]).mean(1)
+        """Keep ``probs`` ``(batch * heads, q, k)`` as ``(rows, heads, q, k)`` (the loss is per head)."""
+        maps = probs.reshape(batch, -1, *probs.shape[1:])
         if self.rows is not None:
             maps = maps[self.rows]
         self.maps.append(maps.detach() if self.detach else maps)
@@ -108,15 +110,20 @@ class StoreCrossAttnProcessor:
         return attn.get_attention_scores(query, key, attention_mask)
 
 
-def cross_attention_layers(unet: torch.nn.Module, parts: Sequence[str] = ("mid", "up")) -> list[str]:
-    """Processor names of the UNet's cross-attention layers (``attn2``) in the given parts."""
-    prefixes = tuple({"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}[p] for p in parts)
-    return [name for name in unet.attn_processors if name.startswith(prefixes) and ".attn2." in name]
+def cross_attention_layers(unet: torch.nn.Module, parts: Sequence[str] = ("mid", "first_up")) -> list[str]:
+    """Processor names of the UNet's cross-attention layers (``attn2``) in the given parts;
+    ``first_up`` is the first up block that has any (SD 1.5: ``up_blocks.1``, 16² maps)."""
+    cross = [name for name in unet.attn_processors if ".attn2." in name]
+    prefixes = [{"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}[p] for p in parts if p != "first_up"]
+    if "first_up" in parts:
+        ups = sorted({int(name.split(".")[1]) for name in cross if name.startswith("up_blocks.")})
+        prefixes += [f"up_blocks.{ups[0]}."] if ups else []
+    return [name for name in cross if name.startswith(tuple(prefixes))]
 
 
 @contextmanager
 def attention_store(
-    unet: Any, store: AttentionStore, parts: Sequence[str] = ("mid", "up")
+    unet: Any, store: AttentionStore, parts: Sequence[str] = ("mid", "first_up")
 ) -> Iterator[AttentionStore]:
     """Install ``store`` on the cross-attention layers of ``parts`` for the block, then put the
     original processors back (whatever they were: SDPA, CnC soft guidance, ...)."""
@@ -154,24 +161,30 @@ def map_size(num_queries: int, latent_size: tuple[int, int]) -> tuple[int, int]:
 
 
 def object_maps(maps: Sequence[torch.Tensor], obj: LayoutObject, latent_size: tuple[int, int]) -> list[torch.Tensor]:
-    """The object's token-averaged attention maps, one ``(rows, h_l, w_l)`` per recorded layer."""
+    """The object's attention maps averaged over heads and tokens (for pictures), one
+    ``(rows, h_l, w_l)`` per recorded layer."""
     out = []
     for layer in maps:
-        hh, ww = map_size(layer.shape[1], latent_size)
-        out.append(layer[obj.rows][..., obj.tokens].mean(-1).reshape(-1, hh, ww))
+        hh, ww = map_size(layer.shape[-2], latent_size)
+        out.append(layer[obj.rows][..., obj.tokens].mean(dim=(1, -1)).reshape(-1, hh, ww))
     return out
 
 
 def layout_loss(maps: Sequence[torch.Tensor], objects: Sequence[LayoutObject], latent_size: tuple[int, int]) -> torch.Tensor:
-    """Mean over layers and objects of ``(1 − mass inside the region / total mass)²``, summed over
-    the images (so each image's gradient is the same whether it is generated alone or in a batch)."""
+    """The reference's ``compute_ca_loss``: per layer and object, the mean over the object's tokens
+    of the mean over heads of ``(1 − mass inside the region / total mass)²``; then the mean over
+    layers and objects. Summed over the images (not averaged as there), so each image's gradient
+    is the same whether it is generated alone or in a batch."""
     losses = []
     for obj in objects:
-        for amap in object_maps(maps, obj, latent_size):
-            region = F.adaptive_avg_pool2d(obj.region[None, None].to(amap), amap.shape[-2:])[0, 0]
-            inside = (amap * region).flatten(1).sum(1)
-            total = amap.flatten(1).sum(1).clamp_min(1e-12)
-            losses.append(((1 - inside / total) ** 2).sum())
+        for layer in maps:
+            hh, ww = map_size(layer.shape[-2], latent_size)
+            amap = layer[obj.rows][..., obj.tokens]  # (rows, heads, q, tokens)
+            region = F.adaptive_avg_pool2d(obj.region[None, None].to(amap), (hh, ww)).flatten()
+            inside = (amap * region[:, None]).sum(-2)
+            total = amap.sum(-2).clamp_min(1e-12)
+            per_head_token = (1 - inside / total) ** 2  # (rows, heads, tokens)
+            losses.append(per_head_token.mean(dim=(1, 2)).sum())
     return torch.stack(losses).mean()
 
 
@@ -185,9 +198,12 @@ def layout_guidance_step(
     objects: Sequence[LayoutObject],
     strength: float,
     iterations: int = 1,
+    loss_threshold: float = 0.0,
+    last_loss: float = math.inf,
 ) -> tuple[torch.Tensor, float]:
-    """Nudge ``latents`` (N images) by the layout loss gradient; returns (new latents, last loss
-    per image).
+    """Nudge ``latents`` (N images) by the layout loss gradient, at most ``iterations`` times and
+    only while the last loss per image is above ``loss_threshold`` (``last_loss`` carries the
+    previous step's, as the reference's loop does); returns (new latents, last loss per image).
 
     ``embeds`` holds the prompts whose attention maps are read (blocks of N rows, the objects'
     ``rows`` index into it); ``store`` must be installed (see :func:`attention_store`).
@@ -200,8 +216,10 @@ def layout_guidance_step(
     else:
         scale = strength
     latent_size = tuple(latents.shape[-2:])
-    loss_value = float("nan")
+    loss_value = last_loss
     for _ in range(iterations):
+        if not loss_value > loss_threshold:
+            break
         with torch.enable_grad():
             x = latents.detach().requires_grad_(True)
             x_in = scheduler.scale_model_input(torch.cat([x] * blocks), t)

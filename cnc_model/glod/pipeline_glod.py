@@ -11,6 +11,7 @@ classifier-free guidance, identical to ``StableDiffusionPipeline``.
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
@@ -58,6 +60,7 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
     """Global-Local Diffusion on Stable Diffusion parts (training-free)."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -104,7 +107,9 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
         output_type: str = "pil",
         return_dict: bool = True,
         return_debug: bool = False,
-        callback_on_step_end: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | PipelineCallback
+        | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - diffusers' signature
     ) -> GLoDPipelineOutput | tuple:
         """Generate images from a GLoD spec.
 
@@ -119,26 +124,23 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
             num_images_per_prompt: N images generated together (N rows per prompt block).
             return_debug: also return the regions, the object tokens' attention maps and the
                 layout losses (records attention maps during every step; costs time).
+            callback_on_step_end: as in diffusers: ``callback(pipe, step, timestep, callback_kwargs)``
+                after each step with the tensors named in ``callback_on_step_end_tensor_inputs``;
+                it returns the kwargs, and a returned ``latents`` replaces the latents.
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(spec, prompt, guidance_scale, height, width, num_inference_steps, num_images_per_prompt,
+                          callback_on_step_end_tensor_inputs)
         device = self._execution_device
         default_size = self.unet.config.sample_size * self.vae_scale_factor
         text_only = False  # diffusers' guidance_scale <= 1: the text row alone, no unconditional row
         if spec is None:
-            if prompt is None:
-                raise ValueError("give a `spec` or a `prompt`")
-            if not isinstance(prompt, str):
-                raise TypeError(f"GLoDPipeline takes one `prompt` string (use num_images_per_prompt for several "
-                                f"images), got {type(prompt).__name__}")
             guidance_scale = 7.5 if guidance_scale is None else guidance_scale
             text_only = guidance_scale <= 1.0
             spec = GLoDSpec.single(prompt, guidance_scale, negative_prompt or "", default_size, default_size)
             height, width = height or default_size, width or default_size
         else:
-            if prompt is not None:
-                raise ValueError("give either a `spec` or a `prompt`, not both")
-            if guidance_scale is not None:
-                raise ValueError("a spec's global weights are its guidance scales: set them in the spec, "
-                                 "not with `guidance_scale`")
             spec = load_spec(spec) if isinstance(spec, (str, os.PathLike)) else parse_spec(spec)
             height, width = spec.output_size(height, width)
             height, width = height or default_size, width or default_size
@@ -176,6 +178,7 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
         global_rows = slice(n, n * (1 + num_globals))
         debug_maps = [torch.zeros(n, *latent_size, device=device) for _ in objects] if return_debug else None
         losses: list[float] = []
+        last_loss = math.inf  # the reference carries the layout loss from step to step
 
         with ExitStack() as stack:
             store = None
@@ -185,11 +188,11 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
                 for i, t in enumerate(timesteps):
                     if guide and i < layout.steps:
                         store.rows, store.detach = None, False
-                        latents, loss = layout_guidance_step(
+                        latents, last_loss = layout_guidance_step(
                             self.unet, self.scheduler, latents, t, embeds[global_rows], store, objects,
-                            layout.strength, layout.iterations,
+                            layout.strength, layout.iterations, layout.loss_threshold, last_loss,
                         )
-                        losses.append(loss)
+                        losses.append(last_loss)
                     if store is not None and not return_debug and not (guide and i + 1 < layout.steps):
                         stack.close()  # guidance done: put the original processors back
                         store = None
@@ -208,7 +211,11 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
                     noise_pred = plan.compose(noise_pred, i, num_steps)
                     latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                     if callback_on_step_end is not None:
-                        callback_on_step_end(i, t, latents)
+                        callback_kwargs = {}
+                        for name in callback_on_step_end_tensor_inputs:  # locals(): not in a comprehension
+                            callback_kwargs[name] = locals()[name]
+                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                        latents = callback_outputs.pop("latents", latents)
                     progress_bar.update()
 
         if output_type == "latent":
@@ -227,6 +234,41 @@ class GLoDPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin)
             attention_maps=debug_maps,
             layout_losses=losses if return_debug else None,
         )
+
+    def check_inputs(
+        self,
+        spec: Any,
+        prompt: str | None,
+        guidance_scale: float | None,
+        height: int | None,
+        width: int | None,
+        num_inference_steps: int,
+        num_images_per_prompt: int,
+        callback_on_step_end_tensor_inputs: list[str] | None,
+    ) -> None:
+        """Refuse inconsistent or out-of-range arguments before any work (diffusers' convention)."""
+        if spec is None:
+            if prompt is None:
+                raise ValueError("give a `spec` or a `prompt`")
+            if not isinstance(prompt, str):
+                raise TypeError(f"GLoDPipeline takes one `prompt` string (use num_images_per_prompt for several "
+                                f"images), got {type(prompt).__name__}")
+        else:
+            if prompt is not None:
+                raise ValueError("give either a `spec` or a `prompt`, not both")
+            if guidance_scale is not None:
+                raise ValueError("a spec's global weights are its guidance scales: set them in the spec, "
+                                 "not with `guidance_scale`")
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and value % self.vae_scale_factor:
+                raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
+        if num_inference_steps < 1 or num_images_per_prompt < 1:
+            raise ValueError("num_inference_steps and num_images_per_prompt must be at least 1")
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, "
+                                 f"got {unknown}")
 
     @staticmethod
     def _accumulate_maps(acc: list[torch.Tensor] | None, store: AttentionStore, objects: list, latent_size: tuple[int, int]) -> None:

@@ -91,15 +91,25 @@ class LocalPrompt(_Strict):
 
 
 class LayoutGuidance(_Strict):
-    """Backward guidance on the object tokens' cross-attention maps (off when strength is 0)."""
+    """Backward guidance on the object tokens' cross-attention maps (Chen et al., layout-guidance).
 
-    strength: Weight = Field(default=0.0, ge=0)
+    The defaults are the reference's (``conf/base_config.yaml``): loss scale 30, the first 10
+    steps, up to 5 gradient steps while the loss is above 0.2, maps of the mid block and the first
+    up block with cross-attention. On whenever the spec has local prompts; ``strength: 0`` turns it off.
+    """
+
+    strength: Weight = Field(default=30.0, ge=0)
+    """The reference's ``loss_scale``; 0 = off."""
     steps: int = Field(default=10, strict=True, ge=0)
     """Number of first denoising steps in which x_t is nudged."""
-    iterations: int = Field(default=1, strict=True, ge=1)
-    """Gradient steps on x_t per guided denoising step."""
-    layers: tuple[str, ...] = ("mid", "up")
-    """UNet parts whose cross-attention maps enter the loss: any of "down", "mid", "up"."""
+    iterations: int = Field(default=5, strict=True, ge=1)
+    """At most this many gradient steps on x_t per guided denoising step."""
+    loss_threshold: Weight = Field(default=0.2, ge=0)
+    """Gradient steps continue while the last layout loss is above this (carried across steps, as
+    the reference does); 0 = always ``iterations`` steps."""
+    layers: tuple[str, ...] = ("mid", "first_up")
+    """UNet parts whose cross-attention maps enter the loss: any of "down", "mid", "up" (all up
+    blocks) and "first_up" (the first up block with cross-attention, the reference's choice)."""
 
     @property
     def enabled(self) -> bool:
@@ -108,9 +118,9 @@ class LayoutGuidance(_Strict):
     @field_validator("layers")
     @classmethod
     def _known_layers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        bad = sorted(set(value) - {"down", "mid", "up"})
+        bad = sorted(set(value) - {"down", "mid", "up", "first_up"})
         if bad or not value:
-            raise ValueError(f"layers must be a non-empty subset of down, mid, up; got {list(value)}")
+            raise ValueError(f"layers must be a non-empty subset of down, mid, up, first_up; got {list(value)}")
         return value
 
 

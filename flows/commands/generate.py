@@ -47,10 +47,23 @@ def generate(
     guidance_scale: float = typer.Option(7.0, "--guidance-scale", help="classifier-free guidance scale"),
     lambda_fg: float = typer.Option(1.0, "--lambda-fg", help="weight of the foreground exemplar tokens"),
     lambda_bg: float = typer.Option(1.0, "--lambda-bg", help="weight of the background exemplar tokens"),
+    fg_depth_scale: float = typer.Option(1.0, "--fg-depth-scale", min=0.0,
+                                         help="multiplier of the fg depth map, clamped to [0, 1] (the demo's controller)"),
+    bg_depth_scale: float = typer.Option(1.0, "--bg-depth-scale", min=0.0,
+                                         help="multiplier of the bg depth map, clamped to [0, 1]"),
+    size: Optional[int] = typer.Option(None, "--size", min=8,
+                                       help="output side (default: the depth maps' size, else the preset's "
+                                            "evaluation resolution: 768 for SD 1.5 as the official demo, 64 tiny)"),
+    saliency: Optional[Path] = typer.Option(None, "--saliency",
+                                            help="U2-Net weights (u2net.pth or a saved folder) for the soft-guidance "
+                                                 "mask; default: the model folder's saliency/"),
+    skip_missing: bool = typer.Option(False, "--skip-missing",
+                                      help="leave absent conditions out instead of the official zeros (faster; not "
+                                           "what the model was trained for)"),
     seed: int = typer.Option(0, "--seed", help="random seed"),
     device: Optional[str] = typer.Option(None, "--device", help="torch device, e.g. cuda (default: cpu)"),
 ) -> None:
-    """Generate one image with CnC (every condition optional; none = plain Stable Diffusion)."""
+    """Generate one image with CnC (every condition optional; missing ones as the official code feeds them)."""
     from flows.errors import fail
 
     if out.suffix.lower() != ".png":
@@ -70,10 +83,22 @@ def generate(
 
     from cnc_model.loading import load_pipeline
 
+    from cnc_model.presets import get_preset
+
     try:
         pipe = load_pipeline(model, device)
     except (FileNotFoundError, ValueError, OSError) as exc:
         fail(f"--model {model}: {str(exc).splitlines()[0]}")
+    if saliency is not None:
+        from cnc_model.annotators.saliency import SaliencyModel
+
+        try:
+            pipe.set_saliency_model(SaliencyModel.from_pretrained(saliency, device=str(pipe.device)))
+        except (FileNotFoundError, ValueError, OSError, KeyError) as exc:
+            fail(f"--saliency {saliency}: {str(exc).splitlines()[0]}")
+    side = size
+    if side is None and not {"--fg-depth", "--bg-depth"} & sizes.keys():  # no depth map sets the size
+        side = get_preset("tiny" if str(model) == "tiny" else "sd15").eval_resolution
     pipe.set_progress_bar_config(disable=True)
     to_pil = lambda a: None if a is None else Image.fromarray((a * 255).round().astype("uint8"))  # noqa: E731
     generator = torch.Generator(device=pipe.device).manual_seed(seed)
@@ -88,6 +113,11 @@ def generate(
             bg_exemplar=to_pil(exemplars["--bg-image"]),
             lambda_fg=lambda_fg,
             lambda_bg=lambda_bg,
+            fg_depth_scale=fg_depth_scale,
+            bg_depth_scale=bg_depth_scale,
+            missing_conditions="skip" if skip_missing else "zeros",
+            height=side,
+            width=side,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             generator=generator,

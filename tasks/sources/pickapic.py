@@ -100,6 +100,35 @@ def _is_number(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)
 
 
+SELECTIONS = ("project", "official")
+"""``project``: drop unlabelled and tied pairs, count caption words with a word regex.
+``official``: the reference's ``data/parse_pickapic.py``: ``jpg_0`` if ``label_0 > label_1``, else
+``jpg_1`` (ties and unlabelled pairs included), captions split on whitespace (``:`` removed)."""
+
+
+def official_row_verdict(row: dict[str, Any], *, nsfw_filter: bool = True, min_caption_words: int = 3,
+                         nsfw_words: frozenset[str] = NSFW_PROMPT_WORDS) -> tuple[int | None, str | None, str | None]:
+    """:func:`row_verdict` as ``data/parse_pickapic.py`` selects: no label check, a tie (or any
+    pair whose labels do not compare, e.g. unlabelled) keeps ``jpg_1``; a caption is too short
+    below ``min_caption_words`` whitespace-separated words and blocked when one of those words,
+    lower-cased, is in the word list (the reference's own list is not published)."""
+    caption = str(row.get("caption") or "").replace(":", "")
+    words = caption.lower().split()
+    if nsfw_filter and any(w in nsfw_words for w in words):
+        return None, None, "nsfw_caption"
+    if len(caption.split()) < min_caption_words:
+        return None, None, "caption_too_short"
+    l0, l1 = row.get("label_0"), row.get("label_1")
+    try:
+        side = 0 if l0 > l1 else 1
+    except TypeError:  # None: does not compare, the reference's else branch
+        side = 1
+    uid = row.get(f"image_{side}_uid")
+    if not uid:
+        return None, None, "missing_image_uid"
+    return side, str(uid).replace(":", "_"), None
+
+
 def row_verdict(row: dict[str, Any], *, nsfw_filter: bool = True, min_caption_words: int = 3,
                 nsfw_words: frozenset[str] = NSFW_PROMPT_WORDS) -> tuple[int | None, str | None, str | None]:
     """(preferred side 0/1, its image uid, reject reason) for one row; side/uid None when rejected."""
@@ -138,12 +167,16 @@ class PickapicSource(Source):
     """The preferred image of each labelled, non-tied, appropriate Pick-a-Pic pair."""
 
     format_name: ClassVar[str] = "pickapic"
-    OPTIONS: ClassVar[tuple[str, ...]] = ("nsfw_filter", "min_caption_words", "nsfw_words")
+    OPTIONS: ClassVar[tuple[str, ...]] = ("nsfw_filter", "min_caption_words", "nsfw_words", "selection")
 
     def __init__(self, url: str, nsfw_filter: bool = True, min_caption_words: int = 3,
-                 nsfw_words: Sequence[str] | None = None, **options: Any) -> None:
+                 nsfw_words: Sequence[str] | None = None, selection: str = "project", **options: Any) -> None:
+        if selection not in SELECTIONS:
+            raise SourceError(f"pickapic selection must be one of {SELECTIONS}, got {selection!r}")
+        extra = {"selection": selection} if selection != "project" else {}  # old manifests stay byte-identical
         super().__init__(url.rstrip("/") or url, nsfw_filter=nsfw_filter, min_caption_words=min_caption_words,
-                         nsfw_words=list(nsfw_words) if nsfw_words else None, **options)
+                         nsfw_words=list(nsfw_words) if nsfw_words else None, **extra, **options)
+        self.selection = selection
         self._fs, root = storage.get_fs(self.url)
         self._root = root.rstrip("/")
         self.nsfw_filter = bool(nsfw_filter)
@@ -151,7 +184,8 @@ class PickapicSource(Source):
         self.nsfw_words = NSFW_PROMPT_WORDS | frozenset(w.lower() for w in (nsfw_words or ()))
 
     def _verdict(self, row: dict[str, Any]) -> tuple[int | None, str | None, str | None]:
-        return row_verdict(row, nsfw_filter=self.nsfw_filter, min_caption_words=self.min_caption_words,
+        verdict = official_row_verdict if self.selection == "official" else row_verdict
+        return verdict(row, nsfw_filter=self.nsfw_filter, min_caption_words=self.min_caption_words,
                            nsfw_words=self.nsfw_words)
 
     # ------------------------------------------------------------------------------- files

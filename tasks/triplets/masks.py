@@ -61,14 +61,15 @@ def dilation_size(height: int, width: int, at_512: int = DILATION_AT_512) -> int
 def dilate(mask: np.ndarray, size: int) -> np.ndarray:
     """Binary dilation of a {0, 255} mask by a ``size`` x ``size`` square.
 
-    The window of output pixel y spans input rows ``y - size // 2 .. y + (size - 1) // 2`` (the anchor
-    OpenCV's ``cv2.dilate`` uses for an even kernel, as in the reference scripts), likewise for
-    columns. Separable: a row max then a column max, O(H W size) with numpy only.
+    The window of output pixel y spans input rows ``y - (size - 1) // 2 .. y + size // 2``, likewise
+    for columns: exactly ``scipy.ndimage.binary_dilation(mask, structure=np.ones((size, size)))``, which
+    the reference's ``data/get_background.py`` calls (for an even size a point at 50 covers 25..74 with
+    size 50). Separable: a row max then a column max, O(H W size) with numpy only.
     """
     m = binarize(mask)
     if size <= 1:
         return m
-    before, after = size // 2, (size - 1) // 2
+    before, after = (size - 1) // 2, size // 2
     out = m
     for axis in (0, 1):
         pad = [(0, 0), (0, 0)]

@@ -151,8 +151,10 @@ class Stage:
 class SaliencyStage(Stage):
     """The object mask M: the ingest's labels mask when the row has one, else U2-Net thresholded.
 
-    cfg: ``threshold`` (0.5, on the min-max normalised U2-Net map), ``model`` (path overriding the
-    preset), ``input_size`` (320 for real weights, 64 tiny), ``use_given_masks`` (True), ``seed`` (tiny).
+    cfg: ``threshold`` (0.5), ``preprocessing`` (``official``: the reference's raw [0, 1] input and
+    0.5 on the raw sigmoid; ``u2net_test``: ImageNet normalisation, min-max of the output),
+    ``model`` (path overriding the preset), ``input_size`` (320 for real weights, 64 tiny),
+    ``use_given_masks`` (True), ``seed`` (tiny).
     """
 
     name = "saliency"
@@ -161,12 +163,13 @@ class SaliencyStage(Stage):
 
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
                  pad_batches: bool = True, threshold: float = 0.5, model: str | None = None,
-                 input_size: int | None = None, use_given_masks: bool = True, seed: int = 0):
+                 input_size: int | None = None, use_given_masks: bool = True, seed: int = 0,
+                 preprocessing: str = "official"):
         super().__init__(preset, device, batch_size, pad_batches)
         from cnc_model.annotators.saliency import SaliencyModel
 
         self.use_given_masks = use_given_masks
-        kw = {"threshold": threshold}
+        kw = {"threshold": threshold, "preprocessing": preprocessing}
         if input_size:
             kw["input_size"] = input_size
         if model is None and self.preset.is_tiny:
@@ -206,21 +209,29 @@ class SaliencyStage(Stage):
 
 class MaskFilterStage(Stage):
     """Rejects rows without a usable object: a blank (flat) image, an object smaller than
-    ``min_area`` or larger than ``max_area`` (fractions of the frame). Adds ``mask_area``."""
+    ``min_area`` or larger than ``max_area`` (fractions of the frame). Adds ``mask_area``.
+
+    ``selection="official"`` reproduces the reference, whose scripts filter no mask: every row
+    passes (area bounds 0 and 1, blank images kept); ``mask_area`` is still recorded."""
 
     name = "mask_filter"
     number_outputs = {"mask_area": np.float64}
+    SELECTIONS = ("project", "official")
 
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
                  pad_batches: bool = True, min_area: float = 0.01, max_area: float = 0.85,
-                 blank_tolerance: int = 8):
+                 blank_tolerance: int = 8, selection: str = "project"):
         super().__init__(preset, device, batch_size, pad_batches)
+        if selection not in self.SELECTIONS:
+            raise ValueError(f"mask_filter selection must be one of {self.SELECTIONS}, got {selection!r}")
+        if selection == "official":
+            min_area, max_area, blank_tolerance = 0.0, 1.0, -1
         self.min_area, self.max_area, self.blank_tolerance = min_area, max_area, blank_tolerance
 
     def process(self, batch, live, out, reject):
         images = self._decode_images(batch, "jpg", live, reject)
         for i in images:
-            if M.is_blank(images[i], self.blank_tolerance):
+            if self.blank_tolerance >= 0 and M.is_blank(images[i], self.blank_tolerance):
                 reject[i] = REJECT_BLANK
                 continue
             data = _as_bytes(batch["mask_png"][i])
@@ -335,21 +346,25 @@ def _inpaint_any_size(inpainter, images: list[np.ndarray], masks: list[np.ndarra
 class DepthStage(Stage):
     """Depth of I_f and I_b: relative inverse depth normalised to [0, 1] per image, 16-bit PNG.
 
-    cfg: ``model`` (overrides the preset), ``compress_level`` (1), ``seed`` (tiny weights)."""
+    cfg: ``model`` (overrides the preset), ``preprocessing`` (``official``: [0, 1] at 512 px as the
+    reference's MiDaS call; ``processor``: the model's processor config), ``compress_level`` (1),
+    ``seed`` (tiny weights)."""
 
     name = "depth"
     has_model = True
     byte_outputs = ("depth_fg_png", "depth_bg_png")
 
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
-                 pad_batches: bool = True, model: str | None = None, compress_level: int = 1, seed: int = 0):
+                 pad_batches: bool = True, model: str | None = None, compress_level: int = 1, seed: int = 0,
+                 preprocessing: str = "official"):
         super().__init__(preset, device, batch_size, pad_batches)
         from cnc_model.annotators.depth import DepthEstimator
 
         if model is None and self.preset.is_tiny:
             self.estimator = DepthEstimator.tiny(seed, device=device)
         else:
-            self.estimator = DepthEstimator.from_pretrained(model or self.preset.depth, device=device)
+            self.estimator = DepthEstimator.from_pretrained(model or self.preset.depth, device=device,
+                                                            preprocessing=preprocessing)
         self.compress_level = compress_level
 
     def process(self, batch, live, out, reject):
@@ -368,18 +383,24 @@ class DepthStage(Stage):
 
 
 class ClipStage(Stage):
-    """CLIP image embeddings of I_f and I_b (float32 ``.npy``, unnormalised ``image_embeds``).
+    """CLIP image embeddings of the fg exemplar and I_b (float32 ``.npy``, unnormalised ``image_embeds``).
 
-    cfg: ``model`` (overrides the preset), ``seed`` (tiny weights)."""
+    cfg: ``fg_source`` (``src``: the source image I_s, as the reference's ``data/get_primitives.py``;
+    ``fg``: the cut-out I_f), ``model`` (overrides the preset), ``seed`` (tiny weights)."""
 
     name = "clip"
     has_model = True
     byte_outputs = ("clip_fg_npy", "clip_bg_npy")
+    FG_SOURCES = {"src": "jpg", "fg": "fg_png"}
 
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 8,
-                 pad_batches: bool = True, model: str | None = None, seed: int = 0):
+                 pad_batches: bool = True, model: str | None = None, seed: int = 0, fg_source: str = "src"):
         super().__init__(preset, device, batch_size, pad_batches)
         from cnc_model.annotators.clip_embed import ClipImageEmbedder
+
+        if fg_source not in self.FG_SOURCES:
+            raise ValueError(f"clip fg_source must be one of {sorted(self.FG_SOURCES)}, got {fg_source!r}")
+        self.fg_column = self.FG_SOURCES[fg_source]
 
         if model is None and self.preset.is_tiny:
             self.embedder = ClipImageEmbedder.tiny(seed, device=device)
@@ -389,7 +410,7 @@ class ClipStage(Stage):
     def process(self, batch, live, out, reject):
         from cnc_model.annotators.clip_embed import encode_npy
 
-        fg = self._decode_images(batch, "fg_png", live, reject)
+        fg = self._decode_images(batch, self.fg_column, live, reject)
         bg = self._decode_images(batch, "bg_jpg", [i for i in live if i in fg], reject)
         items = [("clip_fg_npy", i, fg[i]) for i in bg] + [("clip_bg_npy", i, bg[i]) for i in bg]
         arrays = {k: it[2] for k, it in enumerate(items)}

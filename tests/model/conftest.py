@@ -22,11 +22,15 @@ def make_sd_pipeline(seed: int = 0) -> StableDiffusionPipeline:
 
 
 def make_cnc_pipeline(seed: int = 0, randomize_zero_convs: bool = False) -> CnCPipeline:
-    """Untrained tiny CnC (same SD weights as ``make_sd_pipeline(seed)``); optionally with the
-    local fuser's zero convs randomised so that depth actually changes the output."""
+    """Untrained tiny CnC (same SD weights as ``make_sd_pipeline(seed)``) with a tiny U2-Net for
+    the mask; optionally with the local fuser's zero convs randomised so that depth actually
+    changes the output."""
+    from cnc_model.annotators.saliency import SaliencyModel
+
     encoder, processor = tiny_clip_image_encoder(seed)
     torch.manual_seed(seed + 100)
     pipe = CnCPipeline.from_sd(tiny_sd_components(seed), image_encoder=encoder, feature_extractor=processor)
+    pipe.set_saliency_model(SaliencyModel.tiny(seed, device="cpu"))
     if randomize_zero_convs:
         generator = torch.Generator().manual_seed(seed + 7)
         fuser = pipe.local_fuser

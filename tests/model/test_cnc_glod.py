@@ -40,10 +40,15 @@ def test_local_prompts_compose_and_soft_guidance_still_holds(trained_like_pipe):
 
 
 def test_layout_guidance_in_the_spec_is_skipped_with_a_warning(trained_like_pipe, caplog):
+    """CnC's loop has no layout guidance: skipped, with a warning only when the spec sets it itself
+    (it is on by default in every spec with local prompts)."""
     depth = dict(fg_depth=random_depth(64, 64, 1))
-    plain = run(trained_like_pipe, glod=spec(), **depth)
+    local = {"local_prompts": [{"text": "a brown dog", "object": "dog", "box": [0, 0, 32, 64], "weight": 4.0}]}
     with caplog.at_level("WARNING"):
-        guided = run(trained_like_pipe, glod=spec(layout_guidance={"strength": 30.0, "steps": 2}), **depth)
+        plain = run(trained_like_pipe, glod=spec(**local), **depth)
+    assert "without layout guidance" not in caplog.text
+    with caplog.at_level("WARNING"):
+        guided = run(trained_like_pipe, glod=spec(layout_guidance={"strength": 30.0, "steps": 2}, **local), **depth)
     assert np.array_equal(guided, plain)
     assert "without layout guidance" in caplog.text
 

@@ -167,15 +167,16 @@ def test_missing_and_misshaped_keys_are_named():
         load_cnc_checkpoint(ckpt, local_fuser=wrong)
 
 
-def test_uni_controlnet_adapter_initialises_the_copy_only(tmp_path):
+def test_uni_controlnet_adapter_initialises_every_same_named_key(tmp_path):
     uni = {k: v for k, v in official_checkpoint().items() if k.startswith("local_adapter.")}
-    uni = {k: v for k, v in uni.items() if ".feature_extractor." not in k}
+    uni = {k: v for k, v in uni.items() if not k.startswith(("local_adapter.feature_extractor.fg_", "local_adapter.feature_extractor.bg_"))}  # Uni: one pre_extractor
     uni["local_adapter.feature_extractor.pre_extractor.0.weight"] = torch.zeros(16, 21, 3, 3)  # Uni's own encoder
     path = tmp_path / "uni.ckpt"
     torch.save({"state_dict": uni}, path)
     local, _ = fusers()
-    depth_before = {k: v.clone() for k, v in local.depth_encoder.state_dict().items()}
+    streams_before = {k: v.clone() for k, v in local.depth_encoder.state_dict().items() if "_stream." in k}
     converted = load_cnc_checkpoint(path, local_fuser=local, from_uni_controlnet=True)
     assert converted.skipped == ["local_adapter.feature_extractor.pre_extractor.0.weight"]
     assert torch.equal(local.conv_in.weight, uni["local_adapter.input_blocks.0.0.weight"])
-    assert all(torch.equal(v, depth_before[k]) for k, v in local.depth_encoder.state_dict().items())
+    assert torch.equal(local.depth_encoder.extractors[1][0].weight, uni["local_adapter.feature_extractor.extractors.1.0.weight"])
+    assert all(torch.equal(v, streams_before[k]) for k, v in local.depth_encoder.state_dict().items() if k in streams_before)

@@ -68,7 +68,7 @@ def test_depth_as_three_channel_image():
 def test_save_and_load_give_the_same_predictions(estimator, tmp_path):
     estimator.save_pretrained(tmp_path / "dpt")
     assert (tmp_path / "dpt" / "preprocessor_config.json").is_file()
-    loaded = DepthEstimator.from_pretrained(tmp_path / "dpt", device="cpu")
+    loaded = DepthEstimator.from_pretrained(tmp_path / "dpt", device="cpu", preprocessing="processor")
     assert loaded.input_size == estimator.input_size and loaded.image_mean == estimator.image_mean
     x = images(2, seed=4)
     assert np.array_equal(loaded.predict(x), estimator.predict(x))

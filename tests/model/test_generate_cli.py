@@ -79,3 +79,23 @@ def test_bad_model_and_output(inputs):
     result = runner.invoke(app, ["generate", "--model", str(inputs / "nope"), "--prompt", "x", "--out", str(inputs / "x.png")])
     assert result.exit_code == 2 and "does not exist" in result.output
     assert cli("--out", str(inputs / "x.jpg")).exit_code == 2
+
+
+def test_official_options_reach_the_pipeline(inputs):
+    """--fg-depth-scale/--bg-depth-scale scale the maps, --skip-missing leaves absent parts out,
+    --size sets the side; without depth maps the default side is the preset's evaluation size."""
+    from cnc_model.presets import get_preset
+
+    out = inputs / "scaled.png"
+    result = cli("--fg-depth", str(inputs / "fg_depth.png"), "--bg-depth", str(inputs / "bg_depth.png"),
+                 "--fg-depth-scale", "1.5", "--bg-depth-scale", "0.5", "--skip-missing", "--size", "48",
+                 "--out", str(out))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    pipe = load_pipeline("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    fg_depth = np.asarray(Image.open(inputs / "fg_depth.png"), dtype=np.float32) / 65535.0
+    expected = pipe("a red cube", fg_depth=fg_depth, bg_depth=np.full((64, 64, 3), 90 / 255, dtype=np.float32),
+                    fg_depth_scale=1.5, bg_depth_scale=0.5, missing_conditions="skip", height=48, width=48,
+                    num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    assert get_preset("tiny").eval_resolution == 64 and get_preset("sd15").eval_resolution == 768

@@ -103,7 +103,7 @@ def test_one_batched_unet_call_per_step_and_nothing_else_when_layout_is_off(glod
     before = dict(glod.unet.attn_processors)
     spy = _UNetSpy(glod.unet)
     try:
-        _run(glod, _spec([MAN, WOMAN], local_steps=[0.0, 0.5]), num_images_per_prompt=2)
+        _run(glod, _spec([MAN, WOMAN], local_steps=[0.0, 0.5], layout_guidance={"strength": 0}), num_images_per_prompt=2)
     finally:
         spy.close()
     # [uncond, global, man, woman] x 2 images while locals are active, then [uncond, global] x 2
@@ -176,10 +176,11 @@ def test_store_processor_output_is_the_original_processors_recording_or_not(glod
                 recorded = glod.unet(x, 10, embeds).sample
     assert torch.equal(passed, plain)
     assert torch.equal(recorded, plain)  # recording watches; the output is the original processor's
-    # mid block (4x4, one layer) then the cross-attention up block (8x8, three layers)
-    assert [tuple(m.shape) for m in store.maps] == [(2, 16, 77)] + [(2, 64, 77)] * 3
+    # per head: mid block (4x4, one layer) then the cross-attention up block (8x8, three layers)
+    heads = glod.unet.mid_block.attentions[0].transformer_blocks[0].attn2.heads
+    assert [tuple(m.shape) for m in store.maps] == [(2, heads, 16, 77)] + [(2, heads, 64, 77)] * 3
     for amap in store.maps:
-        torch.testing.assert_close(amap.sum(-1), torch.ones(amap.shape[:2]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(amap.sum(-1), torch.ones(amap.shape[:3]), rtol=0, atol=1e-5)
 
 
 def test_debug_outputs(glod: GLoDPipeline) -> None:
@@ -252,10 +253,10 @@ def test_local_step_range_counts_the_schedulers_real_steps() -> None:
     pipe.set_progress_bar_config(disable=True)
     spy = _UNetSpy(pipe.unet)
     try:
-        _run(pipe, _spec([MAN]))
+        _run(pipe, _spec([MAN], layout_guidance={"strength": 0}))
         whole = list(spy.calls)
         spy.calls.clear()
-        _run(pipe, _spec([MAN], local_steps=[0.0, 0.5]))
+        _run(pipe, _spec([MAN], local_steps=[0.0, 0.5], layout_guidance={"strength": 0}))
     finally:
         spy.close()
     assert len(pipe.scheduler.timesteps) == STEPS + 1

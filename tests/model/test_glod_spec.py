@@ -32,7 +32,7 @@ def _local(**changes) -> dict:
 def test_valid_spec_and_defaults() -> None:
     spec = parse_spec(_spec())
     assert spec.local_prompts[0].box == (0, 0, 256, 256) and spec.local_prompts[0].weight == 5.0
-    assert spec.local_steps == (0.0, 1.0) and not spec.layout_guidance.enabled
+    assert spec.local_steps == (0.0, 1.0) and spec.layout_guidance.enabled  # the reference's guidance, on
     assert spec.global_index_of(spec.local_prompts[0]) == 0
     single = GLoDSpec.single("a cat", 6.0)
     assert single.global_prompts[0].weight == 6.0 and single.local_prompts == []

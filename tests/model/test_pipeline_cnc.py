@@ -35,15 +35,17 @@ def test_untrained_cnc_with_depth_equals_plain_sd(sd_pipe, cnc_pipe):
     assert all(type(p) is AttnProcessor2_0 for p in sd_pipe.unet.attn_processors.values())
     assert all(type(p) is SoftGuidanceAttnProcessor for p in cnc_pipe.unet.attn_processors.values())
     reference = run(sd_pipe)
-    out = run(cnc_pipe, fg_depth=random_depth(64, 64, 1), bg_depth=random_depth(64, 64, 2))
+    out = run(cnc_pipe, fg_depth=random_depth(64, 64, 1), bg_depth=random_depth(64, 64, 2), missing_conditions="skip")
     np.testing.assert_allclose(out, reference, atol=1e-5, rtol=0)
 
 
 def test_no_conditions_is_plain_sd_even_with_trained_fusers(sd_pipe, trained_like_pipe):
+    """With missing_conditions="skip" (not the official default: see test_official_parity)."""
     reference = run(sd_pipe)
-    np.testing.assert_allclose(run(trained_like_pipe), reference, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(run(trained_like_pipe, missing_conditions="skip"), reference, atol=1e-5, rtol=0)
     # and the depth branch of that pipeline is not a no-op, so the equality above is meaningful
-    with_depth = run(trained_like_pipe, fg_depth=random_depth(64, 64, 1), bg_depth=random_depth(64, 64, 2))
+    with_depth = run(trained_like_pipe, fg_depth=random_depth(64, 64, 1), bg_depth=random_depth(64, 64, 2),
+                     missing_conditions="skip")
     assert np.abs(with_depth - reference).max() > 1e-3
 
 
@@ -70,11 +72,12 @@ def test_exemplar_embeddings_equal_exemplar_images(trained_like_pipe):
     assert np.array_equal(from_images, from_embeds)
 
 
-def test_mask_is_derived_from_fg_depth_when_absent(trained_like_pipe):
+def test_mask_is_derived_from_fg_depth_when_asked(trained_like_pipe):
     fg_depth = torch.zeros(1, 3, 64, 64)
     fg_depth[..., 8:40, 16:56] = 0.8
     derived = (fg_depth[:, :1] > 0).float()
-    kwargs = dict(fg_depth=fg_depth, fg_exemplar=random_image((32, 32), 5), bg_exemplar=random_image((32, 32), 6))
+    kwargs = dict(fg_depth=fg_depth, fg_exemplar=random_image((32, 32), 5), bg_exemplar=random_image((32, 32), 6),
+                  mask_source="fg_depth")
     assert np.array_equal(run(trained_like_pipe, **kwargs), run(trained_like_pipe, mask=derived, **kwargs))
 
 
@@ -142,7 +145,8 @@ def test_any_scheduler_swaps_in():
     for pipe in (sd, cnc):
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     reference = run(sd)
-    np.testing.assert_allclose(run(cnc, fg_depth=random_depth(64, 64, 1)), reference, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(run(cnc, fg_depth=random_depth(64, 64, 1), missing_conditions="skip"), reference,
+                               atol=1e-5, rtol=0)
     assert np.abs(reference - run(make_sd_pipeline())).max() > 1e-4  # Euler really differs from DDIM
 
 
@@ -182,5 +186,6 @@ def test_depth_estimated_from_images_equals_given_depth():
     image = random_image((56, 48), 9)
     depth = pipe.estimate_depth(image, 64, 64, torch.device("cpu"))
     assert depth.shape == (1, 3, 64, 64) and depth.min() >= 0 and depth.max() <= 1 and depth.std() > 0
-    assert np.array_equal(run(pipe, fg_depth_image=image, height=64, width=64), run(pipe, fg_depth=depth))
-    assert np.abs(run(pipe, fg_depth=depth) - run(pipe)).max() > 1e-4
+    raw = dict(fg_depth_mode="image", missing_conditions="skip")
+    assert np.array_equal(run(pipe, fg_depth_image=image, height=64, width=64, **raw), run(pipe, fg_depth=depth, **raw))
+    assert np.abs(run(pipe, fg_depth=depth, **raw) - run(pipe, **raw)).max() > 1e-4

@@ -16,7 +16,7 @@ def test_presets_name_every_model():
     fields = {f.name for f in dataclasses.fields(PRESETS["sd15"])}
     assert {"sd", "sd_inpaint", "depth", "saliency", "clip_image"} <= fields
     sd15 = get_preset("sd15")
-    assert sd15.clip_image == "openai/clip-vit-large-patch14" and sd15.depth == "Intel/dpt-hybrid-midas"
+    assert sd15.clip_image == "openai/clip-vit-large-patch14" and sd15.depth == "Intel/dpt-large"
     assert sd15.saliency.endswith("u2net.pth") and not sd15.is_tiny
     assert get_preset("tiny").is_tiny and get_preset("tiny").replace(sd="/models/sd").sd == "/models/sd"
     with pytest.raises(ValueError, match="known presets"):

@@ -46,10 +46,25 @@ def test_without_soft_guidance_it_is_attn_processor_2_0_bit_for_bit():
     assert torch.equal(SoftGuidanceAttnProcessor()(self_attn, x, soft_guidance=guidance), AttnProcessor2_0()(self_attn, x))
 
 
+def test_official_mask_resize_keeps_a_one_pixel_line_down_to_8x8():
+    """The reference resizes bicubically without antialias and counts any non-zero value: a
+    1-pixel-wide object at 64x64 latents survives to the 8x8 level (area + 0.5 loses it)."""
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., :, 4] = 1  # a vertical line in the left column block, on a bicubic tap
+    official = SoftGuidance(mask, (64, 64)).resized_mask((8, 8)).view(8, 8)
+    assert official[:, 0].all() and not official[:, 2:].any()  # its own column (edge ringing may add the next)
+    assert not SoftGuidance(mask, (64, 64), mask_resize="area").resized_mask((8, 8)).any()
+    right = torch.flip(mask, dims=[-1])  # the same line on the right edge lands in the last column
+    flipped = SoftGuidance(right, (64, 64)).resized_mask((8, 8)).view(8, 8)
+    assert flipped[:, 7].all() and not flipped[:, :6].any()
+    expected = torch.nn.functional.interpolate(mask, size=(16, 16), mode="bicubic", antialias=False) != 0
+    assert torch.equal(SoftGuidance(mask, (64, 64)).resized_mask((16, 16)), expected.flatten(1))
+
+
 def test_bias_values_shape_and_resizing_for_non_square_latents():
     mask = torch.zeros(1, 1, 64, 96)
     mask[..., :, :48] = 1  # left half is foreground
-    guidance = SoftGuidance(mask, (8, 12))
+    guidance = SoftGuidance(mask, (8, 12), mask_resize="area")
     bias = guidance.bias(4 * 6, 77 + 8, torch.float32, torch.device("cpu"))
     assert bias.shape == (1, 1, 24, 85)  # broadcast over heads: no per-head copy
     grid = bias[0, 0].view(4, 6, 85)

@@ -211,5 +211,41 @@ def test_stages_load_saved_weights_through_the_real_path(tmp_path, result):
     assert list(tiny_sal["mask_png"]) == list(real_sal["mask_png"])
     rows = triplets(result)[:2]
     tiny_d = DepthStage("tiny", batch_size=2)(rows_to_batch(rows))
-    real_d = DepthStage("sd15", device="cpu", batch_size=2, model=str(tmp_path / "dpt"))(rows_to_batch(rows))
+    real_d = DepthStage("sd15", device="cpu", batch_size=2, model=str(tmp_path / "dpt"), preprocessing="processor")(
+        rows_to_batch(rows))
     assert list(tiny_d["depth_fg_png"]) == list(real_d["depth_fg_png"])
+
+
+def test_clip_fg_embedding_is_of_the_source_image_as_the_reference(result):
+    """data/get_primitives.py embeds the source image I_s for the fg exemplar; fg_source="fg" embeds I_f."""
+    from cnc_model.annotators.clip_embed import ClipImageEmbedder, decode_npy
+    from tasks.triplets.stages import ClipStage
+
+    rows = triplets(result)[:2]
+    embedder = ClipImageEmbedder.tiny(0)
+    src = [decode(r["jpg"]) for r in rows]
+    fg = [decode(r["fg_png"]) for r in rows]
+    official = ClipStage("tiny", batch_size=2)(rows_to_batch(rows))
+    cut_out = ClipStage("tiny", batch_size=2, fg_source="fg")(rows_to_batch(rows))
+    for i in range(2):
+        assert np.allclose(decode_npy(official["clip_fg_npy"][i]), embedder.embed(src)[i], atol=1e-5)
+        assert np.allclose(decode_npy(cut_out["clip_fg_npy"][i]), embedder.embed(fg)[i], atol=1e-5)
+        assert not np.allclose(decode_npy(official["clip_fg_npy"][i]), decode_npy(cut_out["clip_fg_npy"][i]), atol=1e-4)
+        assert official["clip_bg_npy"][i] == cut_out["clip_bg_npy"][i]  # bg is I_b either way
+    with pytest.raises(ValueError, match="fg_source"):
+        ClipStage("tiny", fg_source="mask")
+
+
+def test_mask_filter_official_selection_keeps_every_mask():
+    """The reference scripts filter no mask: tiny, frame-filling and blank rows all pass; ours rejects them."""
+    from tasks.triplets.stages import MaskFilterStage
+
+    rows = [r for r in make_rows() if r["key"] in ("tiny-object", "full-frame", "all-black", "labelled")]
+    for r in rows:
+        r["mask_png"] = r["mask_png"] or png_mask(8)
+    batch = rows_to_batch(rows)
+    ours = MaskFilterStage("tiny")(batch)
+    official = MaskFilterStage("tiny", selection="official")(rows_to_batch(rows))
+    assert list(ours["reject"]) == ["", "no_salient_object", "object_fills_frame", "blank_image"]
+    assert list(official["reject"]) == ["", "", "", ""]
+    assert list(official["mask_area"]) == pytest.approx([0.25, 8 / 4096, 1.0, 0.125])
