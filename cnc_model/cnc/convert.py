@@ -27,6 +27,7 @@ scalars and arrays in callback states).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import pickle
@@ -62,18 +63,27 @@ UNI_ONLY_LOCAL = ("feature_extractor.pre_extractor.",)
 """Uni-ControlNet local-adapter keys with no same-named CnC key (its one-stream condition encoder)."""
 
 
+class _LightningCallback:
+    """Stands in for a Lightning callback class, which older Lightning pickles as a dict key."""
+
+
 def _lightning_allowlist() -> list:
     """Globals a full Lightning checkpoint pickles besides tensors, each mapped to a harmless type:
-    Lightning's ``AttributeDict`` (hyper-parameters) is read as an ``OrderedDict``; numpy scalars,
-    dtypes and arrays (callback states) as numpy's own, under both numpy 1 and 2 module names."""
+    Lightning's ``AttributeDict`` (hyper-parameters) is read as an ``OrderedDict``; callback classes
+    (keys of ``callbacks`` before Lightning 1.6) as a placeholder class; numpy scalars, dtypes and
+    arrays (callback states) as numpy's own, under both numpy 1 and 2 module names."""
     allow: list = []
+    for package in ("pytorch_lightning", "lightning.pytorch"):
+        for module, name in (("model_checkpoint", "ModelCheckpoint"), ("early_stopping", "EarlyStopping"),
+                             ("lr_monitor", "LearningRateMonitor")):
+            allow.append((_LightningCallback, f"{package}.callbacks.{module}.{name}"))
     for module in ("pytorch_lightning.utilities.parsing", "lightning.pytorch.utilities.parsing",
                    "lightning_fabric.utilities.data", "lightning.fabric.utilities.data"):
         allow.append((collections.OrderedDict, f"{module}.AttributeDict"))
     core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
     for package in ("numpy.core", "numpy._core"):
         allow += [(core.scalar, f"{package}.multiarray.scalar"), (core._reconstruct, f"{package}.multiarray._reconstruct")]
-    allow += [np.dtype, np.ndarray]
+    allow += [np.dtype, np.ndarray, argparse.Namespace]
     for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
         if hasattr(np, "dtypes") and hasattr(np.dtypes, name):
             allow.append((getattr(np.dtypes, name), f"numpy.dtypes.{name}"))
@@ -81,11 +91,13 @@ def _lightning_allowlist() -> list:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict in ``path``: ``.safetensors`` directly; otherwise ``torch.load`` with
+    """The state dict in ``path``: safetensors (by extension or content) directly; otherwise ``torch.load`` with
     ``weights_only=True`` and the Lightning allow-list (never arbitrary unpickling). A file that
     needs any other global is refused with the globals named. Unwraps a ``state_dict`` entry."""
     path = str(path)
-    if path.endswith(".safetensors"):
+    with open(path, "rb") as fh:
+        head = fh.read(9)  # safetensors: an 8-byte header length, then the JSON header
+    if path.endswith(".safetensors") or (len(head) == 9 and head[8:9] == b"{"):
         from safetensors.torch import load_file
 
         return load_file(path)

@@ -53,9 +53,8 @@ def test_a_lightning_ckpt_loads_into_the_fusers(tmp_path, monkeypatch):
     load_cnc_checkpoint({"state_dict": ckpt}, expected_local, expected_global)
     for got, want in ((local, expected_local), (global_, expected_global)):
         assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
-    loaded = read_checkpoint(tmp_path / "cnc.ckpt")
-    callback_state = next(iter(loaded["callbacks"].values()))
-    assert loaded["global_step"] == 12000 and float(callback_state["best_model_score"]) == 0.25
+    loaded = read_checkpoint(tmp_path / "cnc.ckpt")  # the state dict, unwrapped
+    assert loaded.keys() == ckpt.keys() and all(torch.equal(loaded[k], ckpt[k]) for k in ckpt)
 
 
 def test_safetensors_is_read_by_content_first(tmp_path):
