@@ -7,7 +7,7 @@
 # Prometheus: Debian/Ubuntu `apt-get install prometheus` (or a release binary on PATH).
 # Grafana: https://grafana.com/docs/grafana/latest/setup-grafana/installation/ (optional).
 # Settings (environment): RAY_TEMP_DIR (/tmp/ray), PROMETHEUS_PORT (9090), GRAFANA_PORT (3000),
-# CNC_MONITORING_DIR (/tmp/cnc-monitoring), PROMETHEUS_BIN, GRAFANA_BIN.
+# CNC_MONITORING_DIR (/tmp/cnc-monitoring), PROMETHEUS_BIN, GRAFANA_BIN (`none`: no Grafana).
 set -euo pipefail
 INFRA=$(cd "$(dirname "$0")/.." && pwd)
 RAY_TEMP_DIR=${RAY_TEMP_DIR:-/tmp/ray}
@@ -25,7 +25,7 @@ sed "s#/tmp/ray/prom_metrics_service_discovery.json#$RAY_TEMP_DIR/prom_metrics_s
   --web.listen-address "127.0.0.1:${PROMETHEUS_PORT:-9090}" >"$DIR/prometheus.log" 2>&1 &
 echo $! > "$DIR/prometheus.pid"
 echo "Prometheus: http://127.0.0.1:${PROMETHEUS_PORT:-9090} (log $DIR/prometheus.log)"
-if [[ -n "$GRAFANA_BIN" ]]; then
+if [[ -n "$GRAFANA_BIN" && "$GRAFANA_BIN" != none ]]; then
   export CNC_INFRA=$INFRA RAY_TEMP_DIR CNC_PROMETHEUS_URL="http://127.0.0.1:${PROMETHEUS_PORT:-9090}"
   # Loopback only; anonymous viewers and embedding so that the Ray dashboard's Metrics tab can
   # show the panels. Do not copy these settings to a Grafana reachable from a network.

@@ -51,8 +51,9 @@ def http_status(url: str, headers: dict[str, str] | None = None, data: bytes | N
         return exc.code
 
 
-def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
-    """Poll ``condition`` until it returns a truthy value (returned) or fail after ``timeout`` s."""
+def wait_for(condition, timeout: float, what: str, interval: float = 0.5, explain=None):
+    """Poll ``condition`` until it returns a truthy value (returned) or fail after ``timeout`` s;
+    ``explain()`` adds what the parts involved show to the failure message."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -63,7 +64,8 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
         if last and not isinstance(last, Exception):
             return last
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {last!r})"
+                + (f"\n{explain()}" if explain else ""))
 
 
 @pytest.fixture(scope="session")
