@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from tasks.ray_jobs import JobSpec, RayJobError, client, run_job, submission_id
+from tasks.ray_jobs import JobSpec, RayJobError, client, find_or_submit, run_job, stop, submission_id
 from tests.ops.conftest import ROOT, wait_for
 
 pytestmark = pytest.mark.slow
@@ -64,10 +64,13 @@ def test_a_failed_job_raises_and_a_rerun_submits_the_next_attempt(locked_head, t
     spec = JobSpec(entrypoint=py("import sys; print('boom'); sys.exit(3)"), key=key, name="test")
     with pytest.raises(RayJobError, match="FAILED"):
         run_job(spec, locked_head.dashboard_url, on_line=lambda _: None, poll_seconds=0.5)
-    out = run_job(JobSpec(entrypoint=py("print('fixed')"), key=key, name="test"), locked_head.dashboard_url,
-                  on_line=lambda _: None, poll_seconds=0.5)
-    assert out.submission_id == submission_id(spec, 2) and out.status == "SUCCEEDED"
-    assert len(jobs_with_key(locked_head.dashboard_url, key)) == 2
+    jobs = client(locked_head.dashboard_url)
+    sid, attached = find_or_submit(jobs, JobSpec(entrypoint=py("print('fixed')"), key=key, name="test"))
+    try:
+        assert (sid, attached) == (submission_id(spec, 2), False)
+        assert len(jobs_with_key(locked_head.dashboard_url, key)) == 2
+    finally:
+        stop(jobs, sid)
 
 
 DRIVER = """
