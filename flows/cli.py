@@ -73,7 +73,10 @@ _register_commands()
 
 
 def main() -> None:
+    from tasks.redact import install_log_redaction
+
     logging.basicConfig(level=logging.WARNING)
+    install_log_redaction()  # URLs in log lines lose user-info and query strings
     app()
 
 

@@ -105,7 +105,9 @@ def _stop_cluster_job(flow, run, state) -> None:
 def build_triplets(params: BuildTripletsParams) -> dict[str, Any]:
     """Build CnC training triplets {I_f, I_b, M} with depth maps from a source of images."""
     from tasks.ray_jobs import jobs_address
+    from tasks.redact import install_log_redaction
 
+    install_log_redaction()
     address = jobs_address()
     if address:
         both = cluster_job(params, address)
@@ -132,7 +134,11 @@ def build_triplets(params: BuildTripletsParams) -> dict[str, Any]:
 
 
 def _preview_markdown(url: str) -> str:
-    """Object-store previews are linked; local ones are named (the UI can't read local files)."""
+    """Object-store previews are linked; local ones are named (the UI can't read local files).
+    A URL with credentials (a presigned one) is shown redacted, never stored whole."""
+    from tasks.redact import redact_url
+
+    url = redact_url(url)
     if url.startswith(("http://", "https://")):
         return f"![contact sheet]({url})"
     return f"Contact sheet (src | mask | fg | bg | depth fg | depth bg): `{url}`"

@@ -72,3 +72,13 @@ class RedactingFilter(logging.Filter):
         if "://" in message:
             record.msg, record.args = redact_text(message), None
         return True
+
+
+def install_log_redaction(logger_names: tuple[str, ...] = ("", "prefect", "prefect.flow_runs",
+                                                           "prefect.task_runs")) -> None:
+    """Add a ``RedactingFilter`` to every handler of these loggers (root and Prefect's, whose API
+    handler ships flow-run logs to the server). Idempotent; handlers added later are not covered."""
+    for name in logger_names:
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(RedactingFilter())

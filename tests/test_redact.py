@@ -50,3 +50,22 @@ def test_logging_filter_redacts_the_formatted_message(caplog):
     finally:
         caplog.handler.removeFilter(handler_filter)
     assert caplog.messages == ["joining s3://REDACTED@bucket/x"]
+
+
+def test_installed_redaction_covers_handlers_of_the_root_logger():
+    import io
+
+    from tasks.redact import install_log_redaction
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        install_log_redaction()
+        install_log_redaction()  # idempotent
+        assert sum(isinstance(f, RedactingFilter) for f in handler.filters) == 1
+        logging.getLogger("cnc.some.module").warning("writing %s", "s3://AKIA:SECRET@bucket/out")
+    finally:
+        root.removeHandler(handler)
+    assert stream.getvalue().strip() == "writing s3://REDACTED@bucket/out"
