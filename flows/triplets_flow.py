@@ -10,6 +10,7 @@ cancelled flow run stops it (``tasks.ray_jobs``).
 from __future__ import annotations
 
 from dataclasses import asdict
+import os
 import shlex
 from typing import Any
 
@@ -73,8 +74,9 @@ def cluster_job(params: BuildTripletsParams, address: str) -> dict[str, Any]:
 
     logger = get_run_logger()
     run_id = flow_run.get_id() or "no-flow-run"
-    outcome = run_job(cluster_job_spec(params, run_id), address, on_line=lambda line: logger.info("%s", line),
-                      capture=RESULT_PREFIX)
+    python = os.environ.get("CNC_RAY_JOB_PYTHON", "python")  # the interpreter on the cluster's PATH by default
+    outcome = run_job(cluster_job_spec(params, run_id, python), address,
+                      on_line=lambda line: logger.info("%s", line), capture=RESULT_PREFIX)
     logger.info("Ray job %s %s (%s)", outcome.submission_id, outcome.status,
                 "followed from an earlier run" if outcome.attached else "submitted by this run")
     return parse_result(outcome.lines)

@@ -45,3 +45,22 @@ def test_the_result_line_is_read_back():
     assert parse_result(lines) == {"ingest": {"n": 1}, "triplets": {"n": 2}}
     with pytest.raises(ValueError):
         parse_result(["no result here"])
+
+
+@pytest.mark.slow
+def test_the_entrypoint_builds_the_triplets_and_prints_a_result_the_flow_can_read(tmp_path, capsys):
+    """What a cluster's Ray job runs, here with the in-process executor and the tiny preset."""
+    from tasks.sample_images import write_sample_folder
+    from tasks.triplets import cluster_entry
+
+    write_sample_folder(str(tmp_path / "src"))
+    params = BuildTripletsParams(source=str(tmp_path / "src"), out=str(tmp_path / "out"), size=64, shard_size=2,
+                                 limit=3, inpaint_steps=2)
+    body = json.loads(shlex.split(cluster_job_spec(params, "run-7").entrypoint)[3])
+    body["ingest"]["executor"] = body["triplets"]["executor"] = "local"  # no Ray in this test
+    assert cluster_entry.main(["cluster_entry", json.dumps(body)]) == 0
+    result = parse_result(capsys.readouterr().out.splitlines())
+    assert result["ingest"]["num_inputs"] == 3 and len(result["ingest"]["shard_urls"]) == 2
+    trip = result["triplets"]
+    assert trip["num_sources"] == 3 and trip["num_triplets"] + trip["num_rejects"] == 3
+    assert json.loads((tmp_path / "out" / "triplets" / "manifest.json").read_text())["counts"]["sources"] == 3
