@@ -9,14 +9,14 @@ cancelled flow run stops it (``tasks.ray_jobs``).
 
 from __future__ import annotations
 
-from dataclasses import asdict
 import os
 import shlex
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.runtime import flow_run
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 
 from flows.artifacts import publish_counts
 from flows.ingest_flow import ingest_shards
