@@ -116,6 +116,7 @@ class Registry:
 
     def versions(self) -> list[ModelVersion]:
         """Every complete version, oldest first."""
+        self._fresh()
         fs, root = storage.get_fs(storage.join(self.url, "versions"))
         if not fs.exists(root):
             return []
@@ -177,6 +178,7 @@ class Registry:
 
     def history(self) -> list[Event]:
         """Every move of the pointer, in order."""
+        self._fresh()
         fs, root = storage.get_fs(storage.join(self.url, "history"))
         if not fs.exists(root):
             return []
@@ -194,8 +196,14 @@ class Registry:
     def _pointer_url(self) -> str:
         return storage.join(self.url, "champion.json")
 
+    def _fresh(self) -> None:
+        """Forget cached listings (s3fs caches them): other writers change the registry under us."""
+        fs, root = storage.get_fs(self.url)
+        fs.invalidate_cache(root)
+
     def _latest_event(self) -> Event | None:
         """The pointer's event, or a later one if the pointer is behind (then it is repaired)."""
+        self._fresh()
         pointer_url = self._pointer_url()
         seq = int(_read_json(pointer_url)["seq"]) if storage.exists(pointer_url) else 0
         if seq == 0 and not storage.exists(self._event_url(1)):
