@@ -21,23 +21,26 @@ _URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s'\"<>]+")
 def redact_url(url: str) -> str:
     """``url`` without credentials: user-info becomes ``REDACTED@`` and the query ``?REDACTED``.
 
-    Plain paths and URLs without either are returned unchanged. A fragment is dropped (some
-    stores put tokens there too). A secret may hold '/' unescaped (AWS secret keys
-    do), so the user-info runs to the last '@' whenever a ':' comes before it.
+    Plain paths and URLs without either are returned unchanged; a fragment is dropped (some stores
+    put tokens there too). Secrets are not always escaped (AWS secret keys hold '/' and '+'; a
+    hand-written one may hold '?' or '#'), so the user-info runs to the last '@' of the URL
+    whenever a ':' comes before it or no '/' does: a path that holds both ':' and '@' is
+    over-redacted rather than a secret leaked.
     """
     if not isinstance(url, str) or "://" not in url:
         return url
     scheme, _, rest = url.partition("://")
+    prefix = ""
+    at = rest.rfind("@")
+    if at >= 0 and (":" in rest[:at] or "/" not in rest[:at]):
+        prefix, rest = f"{REDACTED}@", rest[at + 1:]
     cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
     head, tail = rest[:cut], rest[cut:]
-    at = head.rfind("@")
-    if at >= 0 and (":" in head[:at] or "/" not in head[:at]):
-        head = f"{REDACTED}@{head[at + 1:]}"
     if tail.startswith("?"):
         tail = f"?{REDACTED}"
     elif tail:
         tail = ""
-    return f"{scheme}://{head}{tail}"
+    return f"{scheme}://{prefix}{head}{tail}"
 
 
 def redact_text(text: str) -> str:

@@ -13,6 +13,7 @@ from tasks.redact import RedactingFilter, redact_obj, redact_text, redact_url
 @pytest.mark.parametrize("url, expected", [
     ("s3://AKIA:se/cr+et@bucket/x/y", "s3://REDACTED@bucket/x/y"),
     ("s3://token@bucket/x", "s3://REDACTED@bucket/x"),
+    ("s3://AKIA:se?cr#et@bucket/x?y=1", "s3://REDACTED@bucket/x?REDACTED"),  # unescaped '?' / '#' in a secret
     ("https://u:p@host:9000/a?X-Amz-Signature=abc&X-Amz-Credential=k#frag", "https://REDACTED@host:9000/a?REDACTED"),
     ("https://host/blob?sig=secret", "https://host/blob?REDACTED"),
     ("s3://bucket/user@example.com/f.jpg", "s3://bucket/user@example.com/f.jpg"),
