@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shlex
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -22,6 +22,9 @@ from flows.artifacts import publish_counts
 from flows.ingest_flow import ingest_shards
 from flows.params import BuildTripletsParams, IngestParams
 from tasks import storage
+
+if TYPE_CHECKING:
+    from tasks.ray_jobs import JobSpec
 
 
 def triplet_stage_options(params: BuildTripletsParams) -> dict[str, Any]:
@@ -44,7 +47,7 @@ def triplet_stages(params: BuildTripletsParams, ingest_url: str) -> dict[str, An
     return asdict(result)
 
 
-def cluster_job_spec(params: BuildTripletsParams, run_id: str, python: str = "python"):
+def cluster_job_spec(params: BuildTripletsParams, run_id: str, python: str = "python") -> JobSpec:
     """The Ray Jobs API submission of the whole build (ingest + stages) for one flow run."""
     from tasks.ray_jobs import JobSpec
     from tasks.redact import redact_url
