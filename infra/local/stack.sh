@@ -8,6 +8,8 @@ cd "$(dirname "$0")/../.."
 export BIN=${BIN:-.venv/bin}
 export PREFECT_API_URL=${PREFECT_API_URL:-http://127.0.0.1:4200/api}
 export RAY_AUTH_MODE=token
+# Drivers on this machine (the worker's flow runs) must see the head's loopback address too.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 if [[ -z "${RAY_AUTH_TOKEN:-}" ]]; then export RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}; fi
 # the Ray dashboard's Metrics tab embeds Grafana's panels and queries Prometheus
 export RAY_GRAFANA_HOST=${RAY_GRAFANA_HOST:-http://127.0.0.1:3000}

@@ -70,6 +70,7 @@ def test_local_stack_scripts_parse_and_bind_loopback_with_a_token():
         assert needle in head, needle
     stack = (INFRA / "local/stack.sh").read_text()
     assert "server start --host 127.0.0.1" in stack and "infra/local/ray-head.sh" in stack
+    assert "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in stack  # the worker's drivers find the loopback head
     monitoring = (INFRA / "local/monitoring.sh").read_text()
     assert '--web.listen-address "127.0.0.1:' in monitoring and "GF_SERVER_HTTP_ADDR=127.0.0.1" in monitoring
 

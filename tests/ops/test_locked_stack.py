@@ -51,3 +51,19 @@ def test_gcs_dashboard_and_metrics_listen_on_loopback_only(locked_head):
             socket.create_connection((ip, port), timeout=5).close()
     targets = json.loads((locked_head.temp_dir / "prom_metrics_service_discovery.json").read_text())[0]["targets"]
     assert targets and all(t.startswith("127.0.0.1:") for t in targets), targets
+
+
+def test_a_driver_with_the_stacks_environment_runs_work_on_the_head(locked_head, tmp_path):
+    """What stack.sh gives its Prefect worker: loopback address, token mode, the token file."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_ADDRESS=f"127.0.0.1:{locked_head.gcs_port}", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN_PATH=str(tmp_path / "token"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    (tmp_path / "token").write_text(locked_head.token)
+    code = "import ray; ray.init(log_to_driver=False); print('result', ray.get(ray.remote(lambda: 6 * 7).remote()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180,
+                         cwd=tmp_path)
+    assert "result 42" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
