@@ -6,10 +6,14 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from tasks.redact import redact_text
+
 
 def publish_counts(key: str, title: str, counts: dict[str, Any], rejects_by_reason: dict[str, int],
                    seconds: float) -> None:
-    """A markdown summary (counts, throughput) and a table of reject reasons."""
+    """A markdown summary (counts, throughput) and a table of reject reasons; URLs in the title
+    lose their credentials (artifacts are stored on the Prefect server)."""
+    title = redact_text(title)
     inputs = counts.get("inputs", 0)
     rate = inputs / seconds if seconds else 0.0
     lines = [f"# {title}", "", "| what | value |", "| --- | --- |"]

@@ -75,17 +75,22 @@ def _register_commands() -> None:
     from flows.commands.build_triplets import build_triplets
     from flows.commands.generate import generate
     from flows.commands.glod import glod
+    from flows.commands.models import app as models_app
 
     app.command("build-triplets")(build_triplets)
     app.command("generate")(generate)
     app.command("glod")(glod)
+    app.add_typer(models_app, name="models")
 
 
 _register_commands()
 
 
 def main() -> None:
+    from tasks.redact import install_log_redaction
+
     logging.basicConfig(level=logging.WARNING)
+    install_log_redaction()  # URLs in log lines lose user-info and query strings
     app()
 
 

@@ -24,6 +24,9 @@ def ingest_shards(params: IngestParams) -> dict[str, Any]:
 @flow(name="ingest", log_prints=True)
 def ingest(params: IngestParams) -> dict[str, Any]:
     """Shard a source into WebDataset tars with an index, a rejects table and a manifest."""
+    from tasks.redact import install_log_redaction
+
+    install_log_redaction()
     result = ingest_shards(params)
     counts = {"inputs": result["num_inputs"], "samples": result["num_samples"], "rejects": result["num_rejects"],
               "shards": len(result["shard_urls"])}
