@@ -24,7 +24,7 @@ def _registry(url: str):
 
 def _guard(fn):
     """Run a registry call; a refusal or an I/O error is one line and status 2 / 1."""
-    from flows.cli import fail
+    from flows.errors import fail
     from tasks.redact import redact_text
     from tasks.registry import RegistryError
 
@@ -56,7 +56,7 @@ def list_versions(registry: str = RegistryOpt) -> None:
 def show(version: Optional[str] = typer.Argument(None, help="a version id (default: the champion)"),
          registry: str = RegistryOpt) -> None:
     """A version's record as JSON (metrics, data manifest hash, files), and the history if no version is given."""
-    from flows.cli import fail
+    from flows.errors import fail
 
     reg = _registry(registry)
     if version is None:
