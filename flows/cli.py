@@ -61,10 +61,12 @@ def _register_commands() -> None:
     from flows.commands.build_triplets import build_triplets
     from flows.commands.generate import generate
     from flows.commands.glod import glod
+    from flows.commands.train import train
 
     app.command("build-triplets")(build_triplets)
     app.command("generate")(generate)
     app.command("glod")(glod)
+    app.command("train")(train)
 
 
 _register_commands()

@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from cnc_model.cnc.training import STAGES
-
+STAGES = ("local", "global", "full")
+"""As ``cnc_model.cnc.training.STAGES`` (not imported: the command line loads this module eagerly)."""
 STAGE_EPOCHS = {"local": 28, "global": 24, "full": 9}
 """Epochs of each stage in the paper (CnC §4.1)."""
 PREVIOUS_STAGE = {"global": "local", "full": "global"}

@@ -251,10 +251,7 @@ def run_all(base: TrainConfig, stages: tuple[str, ...] = STAGE_ORDER, epochs: in
     model (the first from ``base.init``); ``epochs`` None gives each stage its paper epochs."""
     from tasks.training.config import STAGE_EPOCHS
 
-    base.validate()
-    check_init(base.init)
-    needs = "full" if len(stages) > 1 else stages[0]
-    data.plan_data(base.data.url, needs, base.data.val_fraction, base.scaling.workers)  # fields of every stage
+    check_chain(base, stages)
     results: list[TrainResult] = []
     init, init_weights, uni = base.init, base.init_weights, base.from_uni_controlnet
     for stage in stages:
@@ -264,6 +261,19 @@ def run_all(base: TrainConfig, stages: tuple[str, ...] = STAGE_ORDER, epochs: in
         results.append(run_training(cfg, resume=resume and _started(cfg), progress=progress))
         init, init_weights, uni = results[-1].model_url, None, False
     return results
+
+
+def check_chain(base: TrainConfig, stages: tuple[str, ...] = STAGE_ORDER) -> data.DataPlan:
+    """The chain's checks before any work: config, start model, the fields every stage needs, output."""
+    for stage in stages:
+        dataclasses.replace(base, stage=stage).validate()
+    check_init(base.init)
+    if base.init_weights and not storage.exists(base.init_weights):
+        raise FileNotFoundError(f"--init-weights {base.init_weights} does not exist")
+    needs = "full" if len(stages) > 1 else stages[0]
+    plan = data.plan_data(base.data.url, needs, base.data.val_fraction, base.scaling.workers)
+    storage.check_writable(base.out)
+    return plan
 
 
 def _started(cfg: TrainConfig) -> bool:
