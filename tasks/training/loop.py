@@ -118,6 +118,7 @@ def run_loop(cfg: TrainConfig, plan: data.DataPlan, session: Any) -> TrainerStat
                       "step_s": step_s, "data_s": data_s}
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
+            record["peak_mib"] = peak_memory_mib(device)
             last_loss = record["loss"]
             if rank == 0 and (state.step % cfg.log_every == 0 or state.step == total):
                 state.history.append(record)
@@ -140,6 +141,15 @@ def run_loop(cfg: TrainConfig, plan: data.DataPlan, session: Any) -> TrainerStat
                 state.history[-1]["val_loss"] = metrics["val_loss"]
         save(metrics)
     return state
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this worker: CUDA allocations on a GPU, the process's max RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @torch.no_grad()
