@@ -46,14 +46,6 @@ class Fields:
     latents: bool
     clip: bool
 
-    def columns(self) -> list[str]:
-        cols = ["key", "caption", "latents" if self.latents else "pixels"]
-        if self.depth:
-            cols += ["fg_depth", "bg_depth"]
-        if self.exemplars:
-            cols += ["mask", *(("clip_fg", "clip_bg") if self.clip else ("fg_image", "bg_image"))]
-        return cols
-
 
 @dataclass(frozen=True)
 class DataPlan:
@@ -215,7 +207,7 @@ class DecodeBatch:
             files = {k: batch[k][i] for k in batch if not k.startswith("__url")}
             rows.append(decode_sample({**files, "__key__": key}, self.fields, self.resolution))
         out = stack_rows(rows)
-        return out or {c: np.zeros((0,)) for c in self.fields.columns()}
+        return out  # {} when the block holds no row of this split (an empty block)
 
 
 def ray_read_args(url: str) -> tuple[list[str] | str, Any]:
