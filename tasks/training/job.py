@@ -252,6 +252,8 @@ def run_all(base: TrainConfig, stages: tuple[str, ...] = STAGE_ORDER, epochs: in
     from tasks.training.config import STAGE_EPOCHS
 
     check_chain(base, stages)
+    if resume and not any(_started(dataclasses.replace(base, out=storage.join(base.out, s))) for s in stages):
+        raise TrainingConflict(f"--resume: {base.out} holds no run to continue")
     results: list[TrainResult] = []
     init, init_weights, uni = base.init, base.init_weights, base.from_uni_controlnet
     for stage in stages:

@@ -76,6 +76,7 @@ def run_loop(cfg: TrainConfig, plan: data.DataPlan, session: Any) -> TrainerStat
     while state.step < total and state.epoch < cfg.epochs:
         skip, epoch_done = state.batch_in_epoch, True
         group_loss, group_samples, data_s, t_group, keys = 0.0, 0, 0.0, time.perf_counter(), []
+        cpu_group = time.process_time()
         iterator = iter(session.train_batches(state.epoch))
         index = -1
         while True:
@@ -115,7 +116,7 @@ def run_loop(cfg: TrainConfig, plan: data.DataPlan, session: Any) -> TrainerStat
             step_s = time.perf_counter() - t_group
             record = {"step": state.step, "epoch": state.epoch, "loss": session.mean(group_loss),
                       "lr": scheduler.get_last_lr()[0], "samples_per_s": samples / step_s if step_s else 0.0,
-                      "step_s": step_s, "data_s": data_s}
+                      "step_s": step_s, "data_s": data_s, "cpu_s": time.process_time() - cpu_group}
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             record["peak_mib"] = peak_memory_mib(device)
@@ -126,6 +127,7 @@ def run_loop(cfg: TrainConfig, plan: data.DataPlan, session: Any) -> TrainerStat
             if cfg.on_step is not None:
                 cfg.on_step({"rank": rank, "step": state.step, "epoch": state.epoch, "keys": keys})
             group_loss, group_samples, data_s, t_group, keys = 0.0, 0, 0.0, time.perf_counter(), []
+            cpu_group = time.process_time()
             if state.step >= total and index + 1 < batches:
                 epoch_done = False
                 break
