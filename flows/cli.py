@@ -76,11 +76,13 @@ def _register_commands() -> None:
     from flows.commands.generate import generate
     from flows.commands.glod import glod
     from flows.commands.models import app as models_app
+    from flows.commands.train import train
 
     app.command("build-triplets")(build_triplets)
     app.command("generate")(generate)
     app.command("glod")(glod)
     app.add_typer(models_app, name="models")
+    app.command("train")(train)
 
 
 _register_commands()

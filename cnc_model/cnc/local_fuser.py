@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
@@ -156,7 +157,7 @@ class LocalFuser(ModelMixin, ConfigMixin):
     VAE), values in [0, 1].
     """
 
-    _supports_gradient_checkpointing = False
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -189,6 +190,7 @@ class LocalFuser(ModelMixin, ConfigMixin):
         inject_channels: tuple[int, ...] | None = CNC_SD15_INJECT_CHANNELS,
     ) -> None:
         super().__init__()
+        self.gradient_checkpointing = False
         levels = len(block_out_channels)
         inject_channels = tuple(inject_channels or block_out_channels)
         if len(inject_channels) != levels or len(down_block_types) != levels:
@@ -294,6 +296,15 @@ class LocalFuser(ModelMixin, ConfigMixin):
                 target[key] = source[key]
         self.down_blocks.load_state_dict(target)
 
+    @staticmethod
+    def _direct(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return module(*args, **kwargs)
+
+    @staticmethod
+    def _checkpointed(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """Recompute ``module`` in backward instead of keeping its activations (training memory)."""
+        return torch.utils.checkpoint.checkpoint(lambda *a: module(*a, **kwargs), *args, use_reentrant=False)
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -317,17 +328,14 @@ class LocalFuser(ModelMixin, ConfigMixin):
         features = self.depth_encoder(fg_depth.to(sample.dtype), bg_depth.to(sample.dtype))
         h = self.conv_in(sample)
         res_samples = [h]
+        run = self._checkpointed if self.gradient_checkpointing and torch.is_grad_enabled() else self._direct
         for block, level_features in zip(self.down_blocks, features):
             attentions = getattr(block, "attentions", None)
             for j, resnet in enumerate(block.resnets):
-                h = resnet(h, emb, level_features) if j == 0 else resnet(h, emb)
+                h = run(resnet, h, emb, level_features) if j == 0 else run(resnet, h, emb)
                 if attentions is not None:
-                    h = attentions[j](
-                        h,
-                        encoder_hidden_states=encoder_hidden_states,
-                        cross_attention_kwargs=cross_attention_kwargs,
-                        return_dict=False,
-                    )[0]
+                    h = run(attentions[j], h, encoder_hidden_states=encoder_hidden_states,
+                            cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
                 res_samples.append(h)
             if block.downsamplers is not None:
                 for downsampler in block.downsamplers:

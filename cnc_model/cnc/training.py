@@ -9,7 +9,14 @@ with p=0.1, all independent), and the trainable set of each CnC stage:
 * ``global`` - the global fuser; depth is not used, soft guidance is.
 * ``full``   - both fusers, all conditions.
 
-The SD UNet, VAE and text encoder are always frozen.
+The SD UNet, VAE and text encoder are always frozen. As in the official code, the frozen UNet's
+encoder and mid block run without gradient (:mod:`cnc_model.cnc.frozen_encoder`): the trainable
+parts get gradient only through the UNet's decoder. ``encoder_grad=True`` lets it flow through the
+frozen encoder too (our option: what diffusers' ControlNet training does; same loss value, other
+gradients for the exemplar tokens, more memory).
+
+This module computes the loss only; the launcher (accumulation, clipping, schedules, checkpoints,
+Ray Train) lives in ``tasks/training``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnc_model.cnc.conditioning import CnCConditions, cnc_noise_prediction
+from cnc_model.cnc.frozen_encoder import FrozenEncoderUNet
 from cnc_model.cnc.soft_guidance import install_soft_guidance
 
 STAGES = ("local", "global", "full")
@@ -70,6 +78,8 @@ class CnCTrainingStep:
     global_fuser: nn.Module | None = None
     stage: str = "local"
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
+    encoder_grad: bool = False
+    """Backpropagate through the frozen UNet encoder and mid block (not the official behaviour)."""
     _empty_embeds: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -189,13 +199,17 @@ class CnCTrainingStep:
             raise ValueError(f"unsupported prediction type {prediction_type!r}")
 
         local = self.local_fuser if self.uses_depth else None
-        pred = cnc_noise_prediction(self.unet, local, noisy, timesteps, prompt_embeds, conditions)
+        unet = self.unet if self.encoder_grad else FrozenEncoderUNet(self.unet)
+        pred = cnc_noise_prediction(unet, local, noisy, timesteps, prompt_embeds, conditions)
         return F.mse_loss(pred.float(), target.float())
 
     def train_step(
         self, batch: CnCBatch, optimizer: torch.optim.Optimizer, generator: torch.Generator | None = None
     ) -> dict[str, float]:
-        """Zero grads, loss, backward, optimizer step. Returns ``{"loss": ...}``."""
+        """Zero grads, loss, backward, optimizer step. Returns ``{"loss": ...}``.
+
+        A convenience for notebooks; ``tasks.training`` builds its own step (accumulation,
+        clipping, mixed precision) around :meth:`loss`."""
         optimizer.zero_grad(set_to_none=True)
         loss = self.loss(batch, generator)
         loss.backward()

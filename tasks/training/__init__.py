@@ -1,0 +1,1 @@
+"""Training the three CnC stages on Ray Train: config, data, loop, checkpoints, export."""
