@@ -59,10 +59,12 @@ def demo(
 def _register_commands() -> None:
     """Commands whose modules live in flows/commands (they import their heavy parts lazily)."""
     from flows.commands.build_triplets import build_triplets
+    from flows.commands.evaluate import evaluate
     from flows.commands.generate import generate
     from flows.commands.glod import glod
 
     app.command("build-triplets")(build_triplets)
+    app.command("evaluate")(evaluate)
     app.command("generate")(generate)
     app.command("glod")(glod)
 
