@@ -10,14 +10,10 @@ from typing import Optional
 
 import typer
 
+from flows.errors import fail, first_line
+
 app = typer.Typer(help="Compose and Conquer: build triplet data, train, evaluate and generate.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print one line to stderr and exit non-zero."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 @app.command()

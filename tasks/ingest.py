@@ -11,21 +11,18 @@ a re-run skips every committed shard. Finish: gather the shard indexes into ``re
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tasks import storage
 from tasks.manifest import versions
-from tasks.shards import ShardWriter, read_index, shard_urls
+from tasks.shard_job import (PROPAGATE, OutputConflict, RunOptions, RunReport, Shard, ShardJob, describe,
+                             is_transient, run_shard_job)
+from tasks.shards import ShardWriter, read_index, shard_name, shard_urls
 from tasks.sources import get_source
 from tasks.sources.base import Source, SourceItem
 
@@ -82,10 +79,6 @@ class IngestResult:
                 f"at {self.out_url}")
 
 
-class OutputConflict(RuntimeError):
-    """The output already holds a different run, or an unfinished one and no --resume."""
-
-
 # ---------------------------------------------------------------------------------------- plan
 
 
@@ -117,23 +110,23 @@ def plan_shards(source: Source, shard_size: int, limit: int | None = None) -> li
     return plans
 
 
-# --------------------------------------------------------------------------- one shard, on Ray
+# --------------------------------------------------------------------------------- one shard
 
 
-def process_shard(cfg: IngestConfig, plan: ShardPlan) -> dict[str, Any]:
-    """Write shard ``index`` (or skip it if committed). Never raises for a bad input."""
+def process_shard(cfg: IngestConfig, plan: ShardPlan, input_hash: str | None = None) -> dict[str, Any]:
+    """Write shard ``index`` (or skip it if committed). A bad input becomes a reject; a transient
+    read error (or a bug) raises, so the runner retries the shard."""
     from tasks.imaging import RejectError, prepare_image, prepare_label_map
 
     tar_url, index_url = shard_urls(storage.join(cfg.out_url, "shards"), plan.index)
     if storage.exists(index_url):
-        return {"shard": plan.index, "skipped": True, **_counts_of(index_url)}
-    t0 = time.perf_counter()
+        return {"skipped": True, **_counts_of(index_url)}
     source = get_source(cfg.source_format, cfg.source_url, **cfg.source_options)
-    with ShardWriter(tar_url, index_url) as writer:
+    with ShardWriter(tar_url, index_url, input_hash=input_hash) as writer:
         for item in _load_accounted(source, plan.load):
             key = sample_key(item.source_id)
             if item.error:
-                writer.add_reject(item.source_id, item.error, key)
+                writer.add_reject(item.source_id, item.error, key, detail=item.meta.get("detail", ""))
                 continue
             try:
                 if not item.image:
@@ -153,34 +146,40 @@ def process_shard(cfg: IngestConfig, plan: ShardPlan) -> dict[str, Any]:
                     files["txt"] = caption.encode("utf-8")
                 files["json"] = json.dumps(meta, sort_keys=True, default=str).encode()
             except RejectError as exc:
-                writer.add_reject(item.source_id, exc.reason, key)
+                writer.add_reject(item.source_id, exc.reason, key, detail=exc.message)
                 continue
-            except Exception as exc:  # noqa: BLE001 - one input never kills the run
-                writer.add_reject(item.source_id, f"unexpected_error: {type(exc).__name__}: {exc}"[:200], key)
+            except PROPAGATE:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a decoder's error on one input is that input's reject
+                writer.add_reject(item.source_id, "unexpected_error", key, detail=describe(exc))
                 continue
             writer.add_sample(key, item.source_id, files, caption)
         for ref in plan.duplicates:
             writer.add_reject(ref, DUPLICATE, sample_key(ref))
         counts = writer.commit()
-    return {"shard": plan.index, "skipped": False, "seconds": time.perf_counter() - t0, **counts}
+    return {"skipped": False, **counts}
 
 
 def _load_accounted(source: Source, refs: list[str]) -> Iterator[SourceItem]:
-    """``source.load`` with the one-item-per-ref promise enforced: a reader that fails mid-way
-    turns the rest of its refs into rejects instead of losing them."""
+    """``source.load`` with the one-item-per-ref promise enforced. A reader that fails mid-way with
+    a transient error (or a bug) fails the shard, to be retried; with any other error it turns the
+    rest of its refs into rejects (``source_read_error``, with the detail) instead of losing them."""
     done = 0
     try:
         for item in source.load(refs):
             if done >= len(refs):
                 break
             if item.source_id != refs[done]:
-                item = SourceItem(refs[done], error=f"reader_order_error: got {item.source_id!r}")
+                item = SourceItem(refs[done], error="reader_order_error", meta={"detail": f"got {item.source_id!r}"})
             done += 1
             yield item
-    except Exception as exc:  # noqa: BLE001
-        reason = f"source_read_error: {type(exc).__name__}: {exc}"[:200]
+    except PROPAGATE:
+        raise
+    except Exception as exc:  # noqa: BLE001 - filtered: transient errors and bugs raise above
+        if is_transient(exc):
+            raise
         for ref in refs[done:]:
-            yield SourceItem(ref, error=reason)
+            yield SourceItem(ref, error="source_read_error", meta={"detail": describe(exc)})
         return
     for ref in refs[done:]:
         yield SourceItem(ref, error="reader_returned_nothing")
@@ -192,34 +191,74 @@ def _counts_of(index_url: str) -> dict[str, int]:
     return {"samples": ok, "rejects": len(status) - ok}
 
 
+# ------------------------------------------------------------------------------------- the job
+
+
+@dataclass
+class IngestJob(ShardJob):
+    """Ingest as a :class:`tasks.shard_job.ShardJob`: a shard's inputs are its listed refs."""
+
+    cfg: IngestConfig
+    kind: str = "ingest"
+    unit: str = "img"
+
+    @property
+    def out_url(self) -> str:  # type: ignore[override]
+        return self.cfg.out_url
+
+    def identity(self) -> dict[str, Any]:
+        return self.cfg.identity()
+
+    def plan(self) -> list[Shard]:
+        source = get_source(self.cfg.source_format, self.cfg.source_url, **self.cfg.source_options)
+        return [self.shard(p.index, {"load": p.load, "duplicates": p.duplicates}, p.size)
+                for p in plan_shards(source, self.cfg.shard_size, self.cfg.limit)]
+
+    def process_shard(self, shard: Shard) -> dict[str, Any]:
+        plan = ShardPlan(shard.index, list(shard.inputs["load"]), list(shard.inputs["duplicates"]))
+        return process_shard(self.cfg, plan, shard.input_hash)
+
+    def finalize(self, report: RunReport) -> IngestResult:
+        """The manifest (counts, config, versions, shards); the runner has written rejects.parquet."""
+        shards = [{"tar": f"shards/{shard_name(i)}.tar", "samples": ok, "rejects": rej}
+                  for i, ok, rej in report.shard_counts]
+        reasons = report.reasons
+        report.write_manifest({
+            "kind": "cnc-ingest",
+            "counts": {"inputs": report.inputs, "samples": report.samples, "rejects": len(report.rejects),
+                       "rejects_by_reason": dict(sorted(reasons.items()))},
+            "config": self.cfg.identity(),
+            "versions": versions(),
+            "shards": shards,
+        })
+        urls = [s.tar_url for s in report.committed]
+        return IngestResult(self.cfg.out_url, report.inputs, report.samples, len(report.rejects), reasons, urls,
+                            shards_written=len(report.written),
+                            shards_skipped=len(report.shards) - len(report.written) - len(report.failed))
+
+
 # ------------------------------------------------------------------------------------- driver
 
 
 def run_ingest(source_format: str, source_url: str, out_url: str, *, size: int = 512, shard_size: int = 256,
                quality: int = 95, min_side: int = 64, resume: bool = False, limit: int | None = None,
                progress: bool = False, on_shard: Callable[[dict[str, Any]], None] | None = None,
-               executor: str = "ray", **source_options: Any) -> IngestResult:
+               executor: str = "ray", run_options: RunOptions | None = None, **source_options: Any) -> IngestResult:
     """Shard a source into WebDataset tars. See the module docstring.
 
-    ``executor="ray"`` runs one Ray Data task per shard (local Ray, or the cluster at
-    ``RAY_ADDRESS``); ``"local"`` runs the shards one after another in this process (debugging,
-    ``memory://`` URLs, baselines).
+    ``executor="ray"`` runs one Ray task per shard (local Ray, or the cluster at ``RAY_ADDRESS``);
+    ``"local"`` runs the shards one after another in this process (debugging, ``memory://`` URLs,
+    baselines). ``run_options`` sets the runner's retries, timeout, lease and reject share
+    (:class:`tasks.shard_job.RunOptions`); ``executor``, ``resume``, ``progress`` and ``on_shard``
+    override its fields.
     """
     cfg = IngestConfig(source_format, source_url, out_url.rstrip("/"), size, shard_size, quality, min_side, limit,
                        dict(source_options))
     t0 = time.perf_counter()
-    source = validate_inputs(cfg, executor)
-    _claim_output(cfg, resume)
-    plans = plan_shards(source, shard_size, limit)
-    shards_url = storage.join(cfg.out_url, "shards")
-    pending = [p for p in plans if not storage.exists(shard_urls(shards_url, p.index)[1])]
-    if executor == "ray":
-        results = _run_on_ray(cfg, pending, progress, on_shard)
-    else:
-        results = _run_local(cfg, pending, progress, on_shard)
-    result = finalize(cfg, len(plans))
-    result.shards_written = sum(1 for r in results if not r["skipped"])
-    result.shards_skipped = len(plans) - result.shards_written
+    validate_inputs(cfg, executor)
+    opts = replace(run_options or RunOptions(), executor=executor, resume=resume, progress=progress,
+                   on_shard=on_shard)
+    result = run_shard_job(IngestJob(cfg), opts)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -238,103 +277,3 @@ def validate_inputs(cfg: IngestConfig, executor: str = "ray") -> Source:
     source.validate()
     storage.check_writable(cfg.out_url)
     return source
-
-
-def _claim_output(cfg: IngestConfig, resume: bool) -> None:
-    config_url = storage.join(cfg.out_url, "_config.json")
-    wanted = json.loads(json.dumps(cfg.identity(), sort_keys=True, default=str))
-    if storage.exists(config_url):
-        found = storage.read_json(config_url)
-        if found != wanted:
-            raise OutputConflict(f"{cfg.out_url} holds a run with a different config; use another --out")
-        finished = storage.exists(storage.join(cfg.out_url, "manifest.json"))
-        if not finished and not resume:
-            raise OutputConflict(f"{cfg.out_url} holds an unfinished run; pass --resume to finish it")
-        return
-    storage.write_json(config_url, wanted)
-
-
-def _run_on_ray(cfg: IngestConfig, pending: list[ShardPlan], progress: bool,
-                on_shard: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
-    """One Ray Data task per pending shard; retried if its worker or node dies (shards are atomic)."""
-    if not pending:
-        return []
-    import ray
-
-    from tasks.ray_runtime import init_ray, quiet_ray_data
-
-    init_ray()
-    quiet_ray_data()
-    items = [{"plan": json.dumps(asdict(p))} for p in pending]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # Ray Data retries a task whose worker or node died (max_retries=-1 by default); shards are
-    # atomic and deterministic, so a retry rewrites the same bytes.
-    ds = ds.map(_shard_task, fn_kwargs={"cfg": cfg}, num_cpus=1)
-    bar = _progress_bar(sum(p.size for p in pending), progress)
-    out = []
-    for row in ds.iter_rows():
-        row = dict(row)
-        out.append(row)
-        bar.update(row["samples"] + row["rejects"])
-        if on_shard:
-            on_shard(row)
-    bar.close()
-    return out
-
-
-def _run_local(cfg: IngestConfig, pending: list[ShardPlan], progress: bool,
-               on_shard: Callable[[dict[str, Any]], None] | None) -> list[dict[str, Any]]:
-    bar = _progress_bar(sum(p.size for p in pending), progress)
-    out = []
-    for plan in pending:
-        row = process_shard(cfg, plan)
-        out.append(row)
-        bar.update(row["samples"] + row["rejects"])
-        if on_shard:
-            on_shard(row)
-    bar.close()
-    return out
-
-
-def _shard_task(item: dict[str, Any], cfg: IngestConfig) -> dict[str, Any]:
-    r = process_shard(cfg, ShardPlan(**json.loads(item["plan"])))
-    return {"shard": r["shard"], "skipped": r["skipped"], "samples": r["samples"], "rejects": r["rejects"],
-            "seconds": float(r.get("seconds", 0.0))}
-
-
-def _progress_bar(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", disable=not enabled, desc="ingest")
-
-
-def finalize(cfg: IngestConfig, num_shards: int) -> IngestResult:
-    """Gather every shard's index into the rejects table and the manifest (both atomic)."""
-    shards_url = storage.join(cfg.out_url, "shards")
-    rejects: list[dict[str, Any]] = []
-    shards: list[dict[str, Any]] = []
-    for i in range(num_shards):
-        tar_url, index_url = shard_urls(shards_url, i)
-        rows = read_index(index_url).select(["source_id", "status", "reason"]).to_pylist()
-        rej = [{"source_id": r["source_id"], "reason": r["reason"], "shard": i} for r in rows
-               if r["status"] != "ok"]
-        rejects.extend(rej)
-        shards.append({"tar": f"shards/{tar_url.rsplit('/', 1)[-1]}", "samples": len(rows) - len(rej),
-                       "rejects": len(rej)})
-    reasons = Counter(r["reason"] for r in rejects)
-    samples = sum(s["samples"] for s in shards)
-    rej_schema = pa.schema([("source_id", pa.string()), ("reason", pa.string()), ("shard", pa.int32())])
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rejects, schema=rej_schema), buf, compression="zstd")
-    storage.write_bytes(storage.join(cfg.out_url, "rejects.parquet"), buf.getvalue())
-    manifest = {
-        "kind": "cnc-ingest",
-        "counts": {"inputs": samples + len(rejects), "samples": samples, "rejects": len(rejects),
-                   "rejects_by_reason": dict(sorted(reasons.items()))},
-        "config": cfg.identity(),
-        "versions": versions(),
-        "shards": shards,
-    }
-    storage.write_json(storage.join(cfg.out_url, "manifest.json"), manifest)
-    urls = [shard_urls(shards_url, i)[0] for i in range(num_shards)]
-    return IngestResult(cfg.out_url, samples + len(rejects), samples, len(rejects), dict(reasons), urls)

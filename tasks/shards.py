@@ -28,8 +28,11 @@ INDEX_SCHEMA = pa.schema(
         ("reason", pa.string()),  # "" for ok rows
         ("caption", pa.string()),
         ("bytes", pa.int64()),  # total bytes of the sample's files in the tar
+        ("detail", pa.string()),  # a reject's detail (the exception's type and message); "" for ok rows
+        ("retryable", pa.bool_()),  # a reject a later run may turn into a sample (a transient cause)
     ]
 )
+INPUT_HASH_KEY = b"cnc.input_hash"  # index metadata: the hash of the inputs the shard was planned from
 
 
 def shard_name(index: int) -> str:
@@ -59,10 +62,12 @@ class ShardWriter:
     block without committing (an exception) publishes nothing.
     """
 
-    def __init__(self, tar_url: str, index_url: str, extra_columns: Mapping[str, pa.DataType] | None = None):
+    def __init__(self, tar_url: str, index_url: str, extra_columns: Mapping[str, pa.DataType] | None = None,
+                 input_hash: str | None = None):
         self.tar_url = tar_url
         self.index_url = index_url
         self._extra = dict(extra_columns or {})
+        self._input_hash = input_hash
         self._rows: list[dict[str, Any]] = []
         self._keys: set[str] = set()
         self._stack = ExitStack()
@@ -105,11 +110,14 @@ class ShardWriter:
             total += len(data)
         self._keys.add(key)
         self._rows.append({"key": key, "source_id": source_id, "status": "ok", "reason": "",
-                           "caption": caption or "", "bytes": total, **extra})
+                           "caption": caption or "", "bytes": total, "detail": "", "retryable": False, **extra})
 
-    def add_reject(self, source_id: str, reason: str, key: str = "", **extra: Any) -> None:
+    def add_reject(self, source_id: str, reason: str, key: str = "", *, detail: str = "", retryable: bool = False,
+                   **extra: Any) -> None:
+        """Record an input that is not a sample: ``reason`` is a short code, ``detail`` says more."""
         self._rows.append({"key": key, "source_id": source_id, "status": "rejected", "reason": reason,
-                           "caption": "", "bytes": 0, **extra})
+                           "caption": "", "bytes": 0, "detail": detail[:500], "retryable": bool(retryable),
+                           **extra})
 
     def commit(self) -> dict[str, int]:
         """Publish the tar, then the index (the commit marker). Returns the shard's counts."""
@@ -117,15 +125,17 @@ class ShardWriter:
         self._tar.close()
         self._stack.close()  # closes the stream and renames the temp tar into place
         self._committed = True
-        write_index(self.index_url, self._rows, self._extra)
+        write_index(self.index_url, self._rows, self._extra, self._input_hash)
         return self.counts
 
 
-def write_index(url: str, rows: Iterable[Mapping[str, Any]], extra_columns: Mapping[str, pa.DataType] | None = None
-                ) -> None:
+def write_index(url: str, rows: Iterable[Mapping[str, Any]], extra_columns: Mapping[str, pa.DataType] | None = None,
+                input_hash: str | None = None) -> None:
     schema = INDEX_SCHEMA
     for name, dtype in (extra_columns or {}).items():
         schema = schema.append(pa.field(name, dtype))
+    if input_hash is not None:
+        schema = schema.with_metadata({INPUT_HASH_KEY: input_hash.encode()})
     rows = list(rows)
     table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
     buf = io.BytesIO()
@@ -135,6 +145,15 @@ def write_index(url: str, rows: Iterable[Mapping[str, Any]], extra_columns: Mapp
 
 def read_index(url: str) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(url)))
+
+
+def read_input_hash(index_url: str) -> str | None:
+    """The input hash a shard's index was committed with (None for indexes written before it existed)."""
+    fs, path = storage.get_fs(index_url)
+    with fs.open(path, "rb") as fh:
+        meta = pq.read_schema(fh).metadata or {}
+    value = meta.get(INPUT_HASH_KEY)
+    return value.decode() if value is not None else None
 
 
 def iter_tar_samples(tar_url: str) -> Iterable[dict[str, Any]]:

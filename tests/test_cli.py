@@ -55,3 +55,16 @@ def test_build_triplets_rejects_an_unknown_preset(tmp_path):
     line = one_line_error(run("build-triplets", "--source-format", "folder", "--source", str(tmp_path),
                               "--out", str(tmp_path / "o"), "--preset", "sdxl"))
     assert "unknown --preset 'sdxl'" in line
+
+
+def test_commands_import_the_error_helper_not_the_cli_module():
+    """Imports point one way: cli -> commands -> errors, never a command back into cli."""
+    import ast
+    from pathlib import Path
+
+    import flows.commands
+
+    for path in Path(flows.commands.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "flows.cli", f"{path.name} imports flows.cli"

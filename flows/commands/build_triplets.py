@@ -22,7 +22,7 @@ def build_triplets(
     resume: bool = typer.Option(False, "--resume", help="finish an unfinished run in --out"),
 ) -> None:
     """Source images -> CnC triplets (fg, inpainted bg, mask, depth maps) on Ray."""
-    from flows.cli import fail
+    from flows.errors import fail
     from tasks import storage
     from tasks.ingest import OutputConflict, run_ingest
     from tasks.sources import SOURCE_FORMATS

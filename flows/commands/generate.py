@@ -15,7 +15,7 @@ def _read_image(path: Optional[Path], option: str):
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    from flows.cli import fail
+    from flows.errors import fail
 
     try:
         with Image.open(path) as image:
@@ -51,7 +51,7 @@ def generate(
     device: Optional[str] = typer.Option(None, "--device", help="torch device, e.g. cuda (default: cpu)"),
 ) -> None:
     """Generate one image with CnC (every condition optional; none = plain Stable Diffusion)."""
-    from flows.cli import fail
+    from flows.errors import fail
 
     if out.suffix.lower() != ".png":
         fail(f"--out must be a .png file, got {out}")

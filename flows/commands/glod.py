@@ -26,7 +26,7 @@ def glod(
     """Generate an image from global and local prompts (GLoD) with Stable Diffusion."""
     import torch
 
-    from flows.cli import fail
+    from flows.errors import fail
     from cnc_model.glod.spec import SpecError, load_spec
     from tasks import storage
 

@@ -19,14 +19,15 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from tasks import storage
 from tasks.manifest import versions
-from tasks.shards import iter_tar_samples, read_index, shard_urls
+from tasks.shard_job import PROPAGATE, RunOptions, RunReport, Shard, ShardJob, describe, run_shard_job
+from tasks.shards import iter_tar_samples, read_index, shard_name, shard_urls
 from tasks.triplets import staging
 from tasks.triplets import resources as pools
 from tasks.triplets.stage_runner import StageRunner
@@ -45,6 +46,7 @@ OUTPUT_FILES = {
     "clip_bg_npy": "clip_bg.npy",
     "latents_npy": "latents.npy",
 }
+MALFORMED = "malformed_ingest_sample"
 _INTERNAL = {"key", "source_id", "txt", "reject", "shard", "dilated_png", *OUTPUT_FILES}
 
 
@@ -112,18 +114,32 @@ class TripletsInputError(ValueError):
 
 
 def ingest_rows(ingest_url: str, shard: int, skip: set[str]) -> Iterator[dict[str, Any]]:
-    """The ingested samples of one shard as stage rows, minus keys already staged."""
+    """The ingested samples of one shard as stage rows, minus keys already staged. A malformed
+    sample (no image, unreadable metadata or caption) travels on as a reject row, never a crash."""
     tar_url, _ = shard_urls(storage.join(ingest_url, "shards"), shard)
     for s in iter_tar_samples(tar_url):
         if s["__key__"] in skip:
             continue
+        yield _ingest_row(shard, s)
+
+
+def _ingest_row(shard: int, s: dict[str, Any]) -> dict[str, Any]:
+    key = s["__key__"]
+    row = {"shard": shard, "key": key, "source_id": key, "jpg": b"", "txt": "", "mask_png": b"", "reject": ""}
+    try:
         meta = json.loads(s.get("json", b"{}"))
-        yield {"shard": shard, "key": s["__key__"], "source_id": meta.get("source_id", s["__key__"]),
-               "jpg": s["jpg"], "txt": s.get("txt", b"").decode("utf-8"), "mask_png": s.get("mask.png", b""),
-               "reject": ""}
+        row["source_id"] = str(meta.get("source_id", key)) if isinstance(meta, dict) else key
+        row["txt"] = s.get("txt", b"").decode("utf-8")
+        row["mask_png"] = bytes(s.get("mask.png", b""))
+        row["jpg"] = bytes(s["jpg"])
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        row["reject"] = f"{MALFORMED}: {type(exc).__name__}"
+    return row
 
 
 def _flat_read(item: dict[str, Any], ingest_url: str) -> Iterator[dict[str, Any]]:
+    # An unreadable ingest shard ends this block; its samples are then missing from staging, so
+    # the runner records the shard as failed instead of the whole job dying.
     yield from ingest_rows(ingest_url, int(item["shard"]), set(json.loads(item["skip"])))
 
 
@@ -168,42 +184,70 @@ def stage_batch(batch: dict[str, np.ndarray], out_url: str, preset_ids: dict[str
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+# ------------------------------------------------------------------------------------- the job
+
+
+@dataclass
+class TripletsJob(ShardJob):
+    """build-triplets as a :class:`tasks.shard_job.ShardJob`: triplet shard ``i`` is made from
+    ingest shard ``i`` (its index rows are the shard's inputs). The shards run as one streaming
+    Ray Data job (or in this process), so the job supplies :meth:`run_pending`."""
+
+    cfg: TripletsConfig
+    ingest_manifest: dict[str, Any]
+    kind: str = "build-triplets"
+    unit: str = "img"
+    stage_seconds: Counter = field(default_factory=Counter)
+
+    @property
+    def out_url(self) -> str:  # type: ignore[override]
+        return self.cfg.out_url
+
+    def identity(self) -> dict[str, Any]:
+        return self.cfg.identity()
+
+    def plan(self) -> list[Shard]:
+        ingest_shards = storage.join(self.cfg.ingest_url, "shards")
+        out = []
+        for i in range(len(self.ingest_manifest["shards"])):
+            rows = read_index(shard_urls(ingest_shards, i)[1]).select(["key", "source_id", "status", "reason"])
+            out.append(self.shard(i, rows.to_pylist(), rows.num_rows))
+        return out
+
+    def run_pending(self, pending: list[Shard], opts: RunOptions, done: Callable, failed: Callable) -> None:
+        todo: dict[int, set[str]] = {}
+        for s in pending:
+            staged = set(staging.staged_rows(self.cfg.out_url, s.index))
+            todo[s.index] = {r["key"] for r in s.inputs if r["status"] == "ok"} - staged
+        if opts.executor == "ray":
+            _run_on_ray(self.cfg, pending, todo, self.stage_seconds, opts, done, failed)
+        else:
+            _run_local(self.cfg, pending, todo, self.stage_seconds, done, failed)
+
+    def finalize(self, report: RunReport) -> TripletsResult:
+        return finalize(self.cfg, self.ingest_manifest, report, dict(self.stage_seconds))
+
+
 # ------------------------------------------------------------------------------------- driver
 
 
 def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: bool = False,
                  latents: bool = False, stages: dict[str, StageOptions] | None = None, resume: bool = False,
                  progress: bool = False, executor: str = "ray",
-                 on_shard: Callable[[int], None] | None = None) -> TripletsResult:
-    """Turn a finished ingest output into triplet shards. Idempotent and resumable per sample."""
+                 on_shard: Callable[[int], None] | None = None,
+                 run_options: RunOptions | None = None) -> TripletsResult:
+    """Turn a finished ingest output into triplet shards. Idempotent and resumable per sample.
+
+    ``run_options`` sets the runner's retries, lease and reject share (:class:`tasks.shard_job.RunOptions`)."""
     t0 = time.perf_counter()
     cfg = TripletsConfig(ingest_url.rstrip("/"), out_url.rstrip("/"), preset, clip, latents, dict(stages or {}))
     ingest_manifest = _validate(cfg, executor)
     if executor == "ray":
         _plan_ray_pools(cfg, warn=True)  # a request that cannot fit fails here, before the output is claimed
-    _claim_output(cfg, resume)
-    num_shards = len(ingest_manifest["shards"])
-    shards_url = storage.join(cfg.out_url, "shards")
-    expected = {i: read_index(shard_urls(storage.join(cfg.ingest_url, "shards"), i)[1]).to_pylist()
-                for i in range(num_shards) if not storage.exists(shard_urls(shards_url, i)[1])}
-    todo: dict[int, set[str]] = {}
-    for i, rows in expected.items():
-        staged = set(staging.staged_rows(cfg.out_url, i))
-        todo[i] = {r["key"] for r in rows if r["status"] == "ok"} - staged
-    stage_seconds: Counter[str] = Counter()
-    written: list[int] = []
-
-    def assembled(i: int) -> None:
-        written.append(i)
-        if on_shard:
-            on_shard(i)
-
-    if executor == "ray":
-        _run_on_ray(cfg, expected, todo, stage_seconds, progress, assembled)
-    else:
-        _run_local(cfg, expected, todo, stage_seconds, progress, assembled)
-    result = finalize(cfg, ingest_manifest, num_shards, dict(stage_seconds))
-    result.shards_written = len(written)
+    job = TripletsJob(cfg, ingest_manifest)
+    opts = replace(run_options or RunOptions(), executor=executor, resume=resume, progress=progress,
+                   on_shard=(lambda row: on_shard(row["shard"])) if on_shard else None)
+    result = run_shard_job(job, opts)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -229,20 +273,12 @@ def _validate(cfg: TripletsConfig, executor: str) -> dict[str, Any]:
     manifest = storage.read_json(manifest_url)
     if manifest.get("kind") != "cnc-ingest":
         raise TripletsInputError(f"{cfg.ingest_url} is not an ingest output (kind {manifest.get('kind')!r})")
+    if manifest.get("failed_shards"):
+        shards = ", ".join(str(f["shard"]) for f in manifest["failed_shards"])
+        raise TripletsInputError(f"{cfg.ingest_url} is an unfinished ingest output (failed shards: {shards}); "
+                                 f"rerun the ingest with --resume first")
     storage.check_writable(cfg.out_url)
     return manifest
-
-
-def _claim_output(cfg: TripletsConfig, resume: bool) -> None:
-    config_url = storage.join(cfg.out_url, "_config.json")
-    wanted = cfg.identity()
-    if storage.exists(config_url):
-        if storage.read_json(config_url) != wanted:
-            raise TripletsInputError(f"{cfg.out_url} holds a run with a different config; use another --out")
-        if not storage.exists(storage.join(cfg.out_url, "manifest.json")) and not resume:
-            raise TripletsInputError(f"{cfg.out_url} holds an unfinished run; pass --resume to finish it")
-        return
-    storage.write_json(config_url, wanted)
 
 
 def _plan_ray_pools(cfg: TripletsConfig, batches: int | None = None, warn: bool = False) -> dict[str, pools.PoolPlan]:
@@ -282,8 +318,8 @@ def _preset_ids(cfg: TripletsConfig) -> dict[str, Any]:
     return get_preset(cfg.preset).to_dict()
 
 
-def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict[int, set[str]],
-                stage_seconds: Counter, progress: bool, assembled: Callable[[int], None]) -> None:
+def _run_on_ray(cfg: TripletsConfig, pending: list[Shard], todo: dict[int, set[str]], stage_seconds: Counter,
+                opts: RunOptions, done: Callable, failed: Callable) -> None:
     import ray
 
     from tasks.ray_runtime import quiet_ray_data
@@ -293,18 +329,23 @@ def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict
     # Ray Data bundles rows across shards into batches: this many reach the inpainting pool
     batches = -(-sum(len(t) for t in todo.values()) // cfg.options("inpaint").batch_size)
     plans = _plan_ray_pools(cfg, batches=max(1, batches))
-    assemble = ray.remote(num_cpus=pools.TASK_CPUS, max_retries=5)(staging.assemble_shard)
-    futures = {i: assemble.remote(cfg.out_url, i, expected[i]) for i in expected if not todo[i]}
-    pending = [i for i in expected if todo[i]]
-    if pending:
+    assemble = ray.remote(num_cpus=pools.TASK_CPUS, max_retries=max(0, opts.max_attempts - 1))(_assemble)
+    by_index = {s.index: s for s in pending}
+    futures = {s.index: assemble.remote(cfg.out_url, s) for s in pending if not todo[s.index]}
+    streaming = [s.index for s in pending if todo[s.index]]
+    if streaming:
         ctx = ray.data.DataContext.get_current()
-        ctx.max_errored_blocks = 0
+        # A block that still fails after its retries is dropped: its samples are then missing from
+        # staging, assembly refuses the shard, and the runner records it as failed. Nothing is lost
+        # silently and one bad shard does not end the job.
+        ctx.max_errored_blocks = -1
         items = [{"shard": i, "skip": json.dumps(sorted(k for k in staging.staged_rows(cfg.out_url, i)))}
-                 for i in pending]
+                 for i in streaming]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        # Ray Data retries tasks and restarts actors lost with a node by default; a sample reaches
-        # staging at most once per successful batch, and staging tolerates repeats.
-        ds = ds.flat_map(_flat_read, fn_kwargs={"ingest_url": cfg.ingest_url}, num_cpus=pools.TASK_CPUS)
+        # Ray Data retries tasks and restarts actors lost with a node (bounded here); a sample
+        # reaches staging at most once per successful batch, and staging tolerates repeats.
+        retries = {"max_retries": max(0, opts.max_attempts - 1)}
+        ds = ds.flat_map(_flat_read, fn_kwargs={"ingest_url": cfg.ingest_url}, num_cpus=pools.TASK_CPUS, **retries)
         finish = functools.partial(stage_batch, out_url=cfg.out_url, preset_ids=_preset_ids(cfg))
         # The last pool writes its results to staging itself (no extra process, no extra hop of
         # every image) unless it holds GPUs, which should not wait on storage.
@@ -323,27 +364,34 @@ def _run_on_ray(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict
             )
         if not fold:
             ds = ds.map_batches(finish, batch_format="numpy", batch_size=cfg.options(groups[-1][-1]).batch_size,
-                                num_cpus=pools.TASK_CPUS)
-        remaining = {i: len(todo[i]) for i in pending}
-        bar = _bar(sum(remaining.values()), progress)
+                                num_cpus=pools.TASK_CPUS, **retries)
+        remaining = {i: len(todo[i]) for i in streaming}
         for row in ds.iter_rows():
             i, n = int(row["shard"]), int(row["n"])
             stage_seconds.update(json.loads(row["timings"]))
-            bar.update(n)
             remaining[i] -= n
             if remaining[i] <= 0 and i not in futures:
-                futures[i] = assemble.remote(cfg.out_url, i, expected[i])
-        bar.close()
-        for i in pending:  # a retried batch may have been counted twice: make sure every shard is assembled
+                futures[i] = assemble.remote(cfg.out_url, by_index[i])
+        for i in streaming:  # a retried batch may have been counted twice: make sure every shard is assembled
             if i not in futures:
-                futures[i] = assemble.remote(cfg.out_url, i, expected[i])
+                futures[i] = assemble.remote(cfg.out_url, by_index[i])
     for i, fut in futures.items():
-        ray.get(fut)
-        assembled(i)
+        try:
+            counts = ray.get(fut)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a shard that cannot be assembled is a failed shard
+            failed(by_index[i], describe(getattr(exc, "cause", None) or exc))
+            continue
+        done(by_index[i], counts)
 
 
-def _run_local(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict[int, set[str]],
-               stage_seconds: Counter, progress: bool, assembled: Callable[[int], None]) -> None:
+def _assemble(out_url: str, shard: Shard) -> dict[str, int]:
+    return staging.assemble_shard(out_url, shard.index, shard.inputs, input_hash=shard.input_hash)
+
+
+def _run_local(cfg: TripletsConfig, pending: list[Shard], todo: dict[int, set[str]], stage_seconds: Counter,
+               done: Callable, failed: Callable) -> None:
     """Every stage in this process, one after another (debugging, memory://, the inline bound)."""
     # The same groups and torch threads as the Ray actors: equal threads make both executors write
     # the same bytes.
@@ -352,22 +400,25 @@ def _run_local(cfg: TripletsConfig, expected: dict[int, list[dict]], todo: dict[
     runners = [StageRunner(_stage_args(cfg, g), cfg.preset, torch_threads=pools.torch_threads(cfg.options(g[-1])),
                            finish=finish if g is groups[-1] else None) for g in groups]
     bs = cfg.options("inpaint").batch_size
-    bar = _bar(sum(len(t) for t in todo.values()), progress)
-    for i in expected:
-        skip = set(staging.staged_rows(cfg.out_url, i))
-        buf: list[dict[str, Any]] = []
-        for row in ingest_rows(cfg.ingest_url, i, skip):
-            buf.append(row)
-            if len(buf) == bs:
+    for shard in pending:
+        i = shard.index
+        try:
+            skip = set(staging.staged_rows(cfg.out_url, i))
+            buf: list[dict[str, Any]] = []
+            for row in ingest_rows(cfg.ingest_url, i, skip):
+                buf.append(row)
+                if len(buf) == bs:
+                    _local_batch(buf, runners, stage_seconds)
+                    buf = []
+            if buf:
                 _local_batch(buf, runners, stage_seconds)
-                bar.update(len(buf))
-                buf = []
-        if buf:
-            _local_batch(buf, runners, stage_seconds)
-            bar.update(len(buf))
-        staging.assemble_shard(cfg.out_url, i, expected[i])
-        assembled(i)
-    bar.close()
+            counts = _assemble(cfg.out_url, shard)
+        except PROPAGATE:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this shard failed; the others still run
+            failed(shard, describe(exc))
+            continue
+        done(shard, counts)
 
 
 def _local_batch(rows: list[dict[str, Any]], runners: list[StageRunner], stage_seconds: Counter) -> None:
@@ -388,44 +439,23 @@ def _remove_staging(out_url: str) -> None:
         fs.rm(root, recursive=True)
 
 
-def _bar(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="img", disable=not enabled, desc="triplets")
-
-
 # ------------------------------------------------------------------------------------ finish
 
 
-def finalize(cfg: TripletsConfig, ingest_manifest: dict, num_shards: int, stage_seconds: dict[str, float]
+def finalize(cfg: TripletsConfig, ingest_manifest: dict, report: RunReport, stage_seconds: dict[str, float]
              ) -> TripletsResult:
-    """Rejects table, manifest and contact sheet for the whole output (atomic writes)."""
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """Manifest and contact sheet for the whole output (atomic writes); the runner has written
+    rejects.parquet. Staging is removed once every shard is assembled."""
     from tasks.triplets.preview import write_contact_sheet
 
-    shards_url = storage.join(cfg.out_url, "shards")
-    rejects: list[dict[str, Any]] = []
-    shards: list[dict[str, Any]] = []
-    for i in range(num_shards):
-        rows = read_index(shard_urls(shards_url, i)[1]).select(["source_id", "status", "reason"]).to_pylist()
-        rej = [{"source_id": r["source_id"], "reason": r["reason"], "shard": i} for r in rows if r["status"] != "ok"]
-        rejects += rej
-        shards.append({"tar": f"shards/shard-{i:06d}.tar", "triplets": len(rows) - len(rej), "rejects": len(rej)})
-    triplets = sum(s["triplets"] for s in shards)
-    reasons = Counter(r["reason"] for r in rejects)
-    schema = pa.schema([("source_id", pa.string()), ("reason", pa.string()), ("shard", pa.int32())])
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rejects, schema=schema), buf, compression="zstd")
-    storage.write_bytes(storage.join(cfg.out_url, "rejects.parquet"), buf.getvalue())
-    urls = [shard_urls(shards_url, i)[0] for i in range(num_shards)]
+    shards = [{"tar": f"shards/{shard_name(i)}.tar", "triplets": ok, "rejects": rej}
+              for i, ok, rej in report.shard_counts]
+    reasons = report.reasons
+    urls = [s.tar_url for s in report.committed]
     preview = write_contact_sheet(urls, storage.join(cfg.out_url, "preview.png"))
-    manifest = {
+    report.write_manifest({
         "kind": "cnc-triplets",
-        "counts": {"sources": triplets + len(rejects), "triplets": triplets, "rejects": len(rejects),
+        "counts": {"sources": report.inputs, "triplets": report.samples, "rejects": len(report.rejects),
                    "rejects_by_reason": dict(sorted(reasons.items()))},
         "ingest": {"url": cfg.ingest_url, "counts": ingest_manifest["counts"], "config": ingest_manifest["config"]},
         "config": cfg.identity(),
@@ -433,9 +463,8 @@ def finalize(cfg: TripletsConfig, ingest_manifest: dict, num_shards: int, stage_
         "files": {**{v: k for k, v in OUTPUT_FILES.items()}, "txt": "caption", "json": "metadata"},
         "versions": versions(),
         "shards": shards,
-    }
-    storage.write_json(storage.join(cfg.out_url, "manifest.json"), manifest)
-    _remove_staging(cfg.out_url)
-    by_stage = defaultdict(float, stage_seconds)
-    return TripletsResult(cfg.out_url, triplets + len(rejects), triplets, len(rejects), dict(reasons), urls,
-                          dict(by_stage), preview)
+    })
+    if not report.failed:
+        _remove_staging(cfg.out_url)
+    return TripletsResult(cfg.out_url, report.inputs, report.samples, len(report.rejects), reasons, urls,
+                          dict(defaultdict(float, stage_seconds)), preview, shards_written=len(report.written))

@@ -56,7 +56,8 @@ def _member_offsets(tar_url: str) -> dict[str, tuple[int, int]]:
         return {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
 
 
-def assemble_shard(out_url: str, shard: int, expected: list[dict[str, Any]]) -> dict[str, int]:
+def assemble_shard(out_url: str, shard: int, expected: list[dict[str, Any]], input_hash: str | None = None
+                   ) -> dict[str, int]:
     """Write final shard ``shard`` from its parts, in the order of ``expected`` (the ingest index
     rows: key, source_id, status, reason). Ingest rejects stay rejects (reason ``ingest:...``).
     Reads one sample at a time by tar offset, so memory stays bounded."""
@@ -66,7 +67,7 @@ def assemble_shard(out_url: str, shard: int, expected: list[dict[str, Any]]) -> 
         raise RuntimeError(f"shard {shard}: {len(missing)} samples not staged yet (e.g. {missing[0]})")
     offsets: dict[str, dict[str, tuple[int, int]]] = {}
     tar_url, index_url = shard_urls(storage.join(out_url, "shards"), shard)
-    with ShardWriter(tar_url, index_url) as w:
+    with ShardWriter(tar_url, index_url, input_hash=input_hash) as w:
         for e in expected:
             if e["status"] != "ok":
                 w.add_reject(e["source_id"], f"ingest:{e['reason']}", e["key"])

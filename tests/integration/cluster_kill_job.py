@@ -65,10 +65,20 @@ def run_triplets_mode(cluster: Cluster, victim, ingest: str, out: str) -> dict:
             "rejects": result.num_rejects, "shards": len(result.shard_urls)}
 
 
+def alive_nodes_once_settled(expected: int, deadline_s: float = 60.0) -> int:
+    """The count of alive nodes, once the GCS has seen the kill (a job can finish before that)."""
+    deadline = time.time() + deadline_s
+    while True:
+        alive = sum(n["Alive"] for n in ray.nodes())
+        if alive <= expected or time.time() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
 def main(mode: str, src: str, out: str) -> None:
     cluster, workers = start_cluster()
     report = (run_ingest_mode if mode == "ingest" else run_triplets_mode)(cluster, workers[0], src, out)
-    report["alive_nodes"] = sum(n["Alive"] for n in ray.nodes())
+    report["alive_nodes"] = alive_nodes_once_settled(expected=2)
     print("RESULT " + json.dumps(report), flush=True)
     ray.shutdown()
     cluster.shutdown()
