@@ -39,7 +39,7 @@ def evaluate(
     """Measure generated sets against real images with mergeable statistics on Ray."""
     from cnc_model.metrics.feature_nets import INCEPTION_WEIGHTS_FILE
     from cnc_model.presets import get_preset
-    from flows.cli import fail
+    from flows.errors import fail
     from tasks.evaluation.job import EvaluationConfig, EvaluationConflict, run_evaluation
     from tasks.evaluation.report import metrics_table
 
