@@ -90,3 +90,25 @@ def test_pareto_front_and_figures():
     assert sheet.getpixel((110 + 5, 32 + 5)) == (255, 0, 0)  # r0: w=0 (row 0), seed=0 (column 0)
     assert sheet.getpixel((110 + 25, 32 + 5)) == (60, 0, 60)  # r2: no image
     assert alignment_plot(results).size == (420, 420)
+
+
+@pytest.mark.slow
+def test_sweep_job_two_specs_two_weights_two_seeds(sweep_file, tmp_path):
+    import pyarrow.parquet as pq
+
+    from tasks.generation.sweep_job import run_sweep
+
+    out = str(tmp_path / "sweep-out")
+    result = run_sweep(sweep_file, out, shard_size=3, executor="local")
+    assert (result.rows, result.images, result.rejects) == (8, 8, 0)
+    table = pq.read_table(result.results_url).to_pylist()
+    assert len(table) == 8 and all(r["status"] == "ok" for r in table)
+    assert {(r["spec_name"], r["grid_local_weight"], r["grid_seed"]) for r in table} == {
+        (s, w, d) for s in ("talk", "cat") for w in ("2.0", "6.0") for d in ("0", "1")}
+    assert all(-1 <= r["global_score"] <= 1 and -1 <= r["local_score"] <= 1 for r in table)
+    assert any(r["pareto"] for r in table)
+    names = sorted(u.rsplit("/", 1)[-1] for u in result.figure_urls)
+    assert names == ["alignment.png", "contact-cat.png", "contact-talk.png"]
+    assert Image.open(f"{out}/contact-talk.png").size == (110 + 2 * 96, 32 + 2 * 96)
+    again = run_sweep(sweep_file, out, shard_size=3, executor="local", resume=True)
+    assert again.shards_written == 0 and again.shards_skipped == 3 and again.images == 8
