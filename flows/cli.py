@@ -57,11 +57,15 @@ def _register_commands() -> None:
     from flows.commands.build_triplets import build_triplets
     from flows.commands.evaluate import evaluate
     from flows.commands.generate import generate
+    from flows.commands.generate_batch import generate_batch
     from flows.commands.glod import glod
+    from flows.commands.glod_sweep import glod_sweep
 
     app.command("build-triplets")(build_triplets)
     app.command("evaluate")(evaluate)
     app.command("generate")(generate)
+    app.command("generate-batch")(generate_batch)
+    app.command("glod-sweep")(glod_sweep)
     app.command("glod")(glod)
 
 

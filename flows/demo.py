@@ -1,7 +1,8 @@
 """``make demo``: the main job end to end on bundled photos, on the embedded defaults.
 
 Local Ray, Prefect's local server on SQLite (ephemeral unless PREFECT_API_URL is set), a local
-folder as storage and the tiny model preset: the build-triplets flow, ingest to contact sheet.
+folder as storage and the tiny model preset: the build-triplets flow, ingest to contact sheet, then
+a short evaluation (generate-batch in three settings, evaluate-cnc) labelled as plumbing.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _start_over_if_stale(out: str) -> None:
     if storage.exists(stamp_url) and storage.read_bytes(stamp_url).decode() == stamp:
         return
     fs, root = storage.get_fs(out)
-    stale = [p for p in ("ingest", "triplets") if fs.exists(f"{root}/{p}")]
+    stale = [p for p in ("ingest", "triplets", "eval") if fs.exists(f"{root}/{p}")]
     if stale:
         print(f"demo: {out} was made by other code; starting {' and '.join(stale)} over")
         for p in stale:
@@ -63,4 +64,7 @@ def run_demo(out: str) -> dict[str, Any]:
     print(f"demo: triplet shards, index, manifest: {storage.join(out, 'triplets')}")
     if triplets["preview_url"]:
         print(f"demo: contact sheet: {triplets['preview_url']}")
+    from flows.demo_evaluation import run_demo_evaluation
+
+    result["evaluation"] = run_demo_evaluation(out)
     return result

@@ -23,3 +23,30 @@ class EvaluateParams(BaseModel):
     device: str = Field("cpu", description="torch device of the feature nets (cuda with GPU actors)")
     batch_size: int = Field(16, ge=1, description="images per feature-net call")
     splits: int = Field(10, ge=1, description="Inception Score splits")
+
+
+class GenerateBatchParams(BaseModel):
+    """A job table -> image shards with CnC on a Ray actor pool."""
+
+    rows: str = Field(..., description="job table URL (.parquet or .jsonl)")
+    out: str = Field(..., description="output URL of the image shards")
+    model: str = Field("tiny", description="'tiny' or a saved CnC pipeline folder")
+    condition_root: Optional[str] = Field(None, description="URL the rows' condition paths are relative to")
+    shard_size: int = Field(64, ge=1, description="rows per shard")
+    batch_size: int = Field(4, ge=1, description="rows with the same settings per UNet batch")
+    actors: int = Field(1, ge=1, description="generation actors")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor")
+    device: Optional[str] = Field(None, description="torch device of the actors (cuda with GPU actors)")
+    executor: Literal["ray", "local"] = Field("ray", description="ray (actor pool) or local (this process)")
+
+
+class GLoDSweepParams(BaseModel):
+    """A GLoD sweep file -> scored images, a results table, contact sheets and the alignment plot."""
+
+    sweep: str = Field(..., description="path of the sweep YAML (its spec files beside it)")
+    out: str = Field(..., description="output URL")
+    clip: str = Field("tiny", description="CLIP for the alignment scores: tiny, or a model id / folder")
+    shard_size: int = Field(16, ge=1, description="images per shard")
+    actors: int = Field(1, ge=1, description="rendering actors")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor")
+    device: str = Field("cpu", description="torch device of the actors")
