@@ -38,8 +38,12 @@ class FrechetStats:
 
     def update(self, features: np.ndarray | torch.Tensor) -> "FrechetStats":
         """Fold ``(N, D)`` features in (in place); returns self."""
-        merged = self.merge(FrechetStats.from_features(features))
-        self.n, self.sum, self.outer_sum = merged.n, merged.sum, merged.outer_sum
+        f = _as_float64(features)
+        if f.shape[1] != self.dim:
+            raise ValueError(f"cannot merge statistics of {self.dim}-d and {f.shape[1]}-d features")
+        self.n += f.shape[0]
+        self.sum += f.sum(axis=0)
+        self.outer_sum += f.T @ f  # in place: no (D, D) temporaries beyond the product
         return self
 
     def merge(self, other: "FrechetStats") -> "FrechetStats":
