@@ -8,9 +8,43 @@ never depends on the number of actors or on timing: a rerun writes the same byte
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterator
+import time
+from typing import Any, Iterator
 
-WORKER_CLASSES: dict[str, Callable[..., Any]] = {}
+
+class JobMetrics:
+    """Ray custom metrics of a generation job, tagged with its kind (``cnc`` or ``glod``): rows
+    done, images, rejects by reason, and images/s of the last group. No-ops outside Ray."""
+
+    def __init__(self, kind: str) -> None:
+        self.tags = {"kind": kind}
+        try:
+            import ray
+            from ray.util.metrics import Counter, Gauge
+
+            if not ray.is_initialized():
+                raise RuntimeError
+        except Exception:  # noqa: BLE001 - metrics are optional outside Ray
+            self.enabled = False
+            return
+        self.enabled = True
+        self.rows = Counter("cnc_generation_rows_total", "rows done (image or reject)", tag_keys=("kind",))
+        self.images = Counter("cnc_generation_images_total", "images made", tag_keys=("kind",))
+        self.rejects = Counter("cnc_generation_rejects_total", "rows rejected", tag_keys=("kind", "reason"))
+        self.rate = Gauge("cnc_generation_images_per_second", "an actor's images/s on its last group",
+                          tag_keys=("kind",))
+
+    def record(self, results: list[dict[str, Any]], images: int, seconds: float) -> None:
+        if not self.enabled:
+            return
+        self.rows.inc(len(results), tags=self.tags)
+        if images:
+            self.images.inc(images, tags=self.tags)
+        if seconds > 0:
+            self.rate.set(images / seconds, tags=self.tags)
+        for result in results:
+            if result.get("reason"):
+                self.rejects.inc(1, tags={**self.tags, "reason": result["reason"]})
 
 
 class GroupActor:
@@ -21,11 +55,15 @@ class GroupActor:
         from tasks.generation.workers import build_worker
 
         self.worker = build_worker(kind, kwargs)
+        self.metrics = JobMetrics(kind)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         shards, results, pngs = [], [], []
         for shard, group in zip(batch["shard"], batch["group"]):
-            for result, png in self.worker(json.loads(group)):
+            t0 = time.perf_counter()
+            out = self.worker(json.loads(group))
+            self.metrics.record([r for r, _ in out], sum(1 for _, png in out if png), time.perf_counter() - t0)
+            for result, png in out:
                 shards.append(int(shard))
                 results.append(json.dumps(result))
                 pngs.append(png or b"")
