@@ -34,13 +34,16 @@ def run_demo_evaluation(out: str, model: str = "tiny") -> dict[str, Any]:
                                            executor="local"))  # in-process: no actor start-up per setting
         generated[setting] = storage.join(gen_out, "shards")
     metrics = evaluate_cnc(EvaluateParams(real=triplets, settings=generated, out=storage.join(eval_url, "metrics"),
-                                          preset="tiny", splits=2, batch_size=8))
+                                          preset="tiny", splits=2, batch_size=8,
+                                          condition_root=protocol["condition_root"]))
     print()
     print(f"demo: evaluation of {protocol['rows']} held-out triplets x {len(generated)} settings "
           "(tiny model and tiny feature nets: plumbing numbers, not FID / IS / CLIPScore)")
     for name, values in metrics["settings"].items():
         print(f"demo:   {name:9s} images {values['images']:3d}  fid* {values['fid']:.4g}  "
-              f"is* {values['inception_score']:.4g}  clip* {values['clip_score']:.4g}")
+              f"is* {values['inception_score']:.4g}  clip* {values['clip_score']:.4g}  "
+              f"depth-err* fg {values['depth_fg_error']:.3g} bg {values['depth_bg_error']:.3g}  "
+              f"exemplar-sim* fg {values['exemplar_fg_similarity']:.3g} bg {values['exemplar_bg_similarity']:.3g}")
     print(f"demo: metrics table: {metrics['metrics_url']}")
     print(f"demo: metrics figure: {metrics['figure_url']}")
     return metrics

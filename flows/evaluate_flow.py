@@ -26,7 +26,9 @@ def evaluation_config(params: EvaluateParams) -> Any:
         feature_net, clip = params.inception_weights, params.clip or preset.clip_image
     return EvaluationConfig(real=params.real, settings=params.settings, out=params.out, feature_net=feature_net,
                             clip=clip, splits=params.splits, batch_size=params.batch_size, executor="ray",
-                            actors=params.actors, gpus_per_actor=params.gpus_per_actor, device=params.device)
+                            actors=params.actors, gpus_per_actor=params.gpus_per_actor, device=params.device,
+                            condition_root=params.condition_root,
+                            depth=(params.depth or preset.depth) if params.condition_root else None)
 
 
 @task(name="measure-and-reduce", retries=2, retry_delay_seconds=5)

@@ -23,6 +23,9 @@ class EvaluateParams(BaseModel):
     device: str = Field("cpu", description="torch device of the feature nets (cuda with GPU actors)")
     batch_size: int = Field(16, ge=1, description="images per feature-net call")
     splits: int = Field(10, ge=1, description="Inception Score splits")
+    condition_root: Optional[str] = Field(None, description="the generation's condition root: also measure "
+                                          "condition fidelity (depth error, exemplar similarity)")
+    depth: Optional[str] = Field(None, description="depth model for condition fidelity (default: the preset's)")
 
 
 class GenerateBatchParams(BaseModel):

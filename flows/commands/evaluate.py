@@ -29,6 +29,10 @@ def evaluate(
     inception_weights: Optional[str] = typer.Option(None, "--inception-weights", help="local path of the FID "
                                                     "Inception weights (pt_inception / torch-fidelity file)"),
     clip: Optional[str] = typer.Option(None, "--clip", help="CLIP model id or local folder (default: the preset's)"),
+    condition_root: Optional[str] = typer.Option(None, "--condition-root", help="the generation's condition root: "
+                                                 "also measure condition fidelity (depth error, exemplar similarity)"),
+    depth: Optional[str] = typer.Option(None, "--depth", help="depth model for condition fidelity (default: the "
+                                        "preset's)"),
     executor: str = typer.Option("ray", "--executor", help="ray or local"),
     actors: int = typer.Option(1, "--actors", min=1, help="feature-extraction actors"),
     gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", min=0.0, help="GPUs per actor"),
@@ -57,7 +61,8 @@ def evaluate(
         feature_net, clip_model = inception_weights, clip or model_preset.clip_image
     cfg = EvaluationConfig(real=real, settings=settings, out=out, feature_net=feature_net, clip=clip_model,
                            splits=splits, batch_size=batch_size, executor=executor, actors=actors,
-                           gpus_per_actor=gpus_per_actor, device=device)
+                           gpus_per_actor=gpus_per_actor, device=device, condition_root=condition_root,
+                           depth=(depth or model_preset.depth) if condition_root else None)
     try:
         metrics = run_evaluation(cfg)
     except (FileNotFoundError, EvaluationConflict, ValueError, OSError) as exc:

@@ -18,6 +18,7 @@ from typing import Any
 from cnc_model.metrics import FrechetStats, InceptionScoreStats, MeanStats, frechet_distance, stats_io
 from cnc_model.metrics.inception_score import DEFAULT_SPLITS
 from tasks import storage
+from tasks.evaluation.fidelity import KEYS as FIDELITY_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,17 @@ class EvaluationConfig:
     actors: int = 1
     gpus_per_actor: float = 0.0
     device: str = "cpu"
+    depth: str | None = None
+    """Depth model for condition fidelity ("tiny", or a DPT id / folder); None: not measured."""
+    condition_root: str | None = None
+    """Where the generated rows' condition files are (the generation's ``--condition-root``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
         """What decides the statistics' values (a rerun with another identity is refused)."""
         return {"real": self.real, "settings": dict(sorted(self.settings.items())), "feature_net": self.feature_net,
-                "clip": self.clip, "splits": self.splits}
+                "clip": self.clip, "splits": self.splits, "depth": self.depth,
+                "condition_root": self.condition_root}
 
     @property
     def plumbing(self) -> bool:
@@ -132,7 +138,8 @@ def run_evaluation(cfg: EvaluationConfig) -> dict[str, Any]:
 
 def _measurer_kwargs(cfg: EvaluationConfig, torch_threads: int | None = None) -> dict[str, Any]:
     return {"feature_net": cfg.feature_net, "clip": cfg.clip, "device": cfg.device, "batch_size": cfg.batch_size,
-            "splits": cfg.splits, "torch_threads": torch_threads}
+            "splits": cfg.splits, "torch_threads": torch_threads, "depth": cfg.depth,
+            "condition_root": cfg.condition_root}
 
 
 def _measure_local(cfg: EvaluationConfig, pending: list[dict[str, Any]]) -> None:
@@ -170,6 +177,9 @@ def reduce(cfg: EvaluationConfig, items: list[dict[str, Any]]) -> dict[str, Any]
                 "clip": MeanStats.from_state(stats_io.under("clip", arrays)), "skipped": int(arrays["skipped"])}
         if it["generated"]:
             part["is"] = InceptionScoreStats.from_state(stats_io.under("is", arrays))
+            for key in FIDELITY_KEYS:
+                if stats_io.under(key, arrays):
+                    part[key] = MeanStats.from_state(stats_io.under(key, arrays))
         into = merged.setdefault(it["set"], {})
         for k, v in part.items():
             into[k] = v if k not in into else into[k] + v
@@ -185,6 +195,7 @@ def reduce(cfg: EvaluationConfig, items: list[dict[str, Any]]) -> dict[str, Any]
             "inception_score": is_mean,
             "inception_score_std": is_std,
             "clip_score": m["clip"].mean(),
+            **{key: m[key].mean() if key in m else math.nan for key in FIDELITY_KEYS},
         }
     return {
         "settings": results,

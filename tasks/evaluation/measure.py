@@ -48,6 +48,15 @@ def sample_prompt(sample: dict[str, Any]) -> str | None:
     return None
 
 
+def sample_row(sample: dict[str, Any]) -> dict[str, Any] | None:
+    """The job row stored beside a generated image (its conditions), if any."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else None
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def decode_rgb(data: bytes) -> np.ndarray:
     """``(H, W, 3)`` uint8; ValueError for an unreadable or oversized image."""
     with warnings.catch_warnings():
@@ -62,22 +71,31 @@ class ShardMeasurer:
     """Loads the feature net and CLIP once; :meth:`measure` turns a shard into statistics."""
 
     def __init__(self, feature_net: str = "tiny", clip: str = "tiny", device: str = "cpu", batch_size: int = 16,
-                 splits: int = DEFAULT_SPLITS, torch_threads: int | None = None) -> None:
+                 splits: int = DEFAULT_SPLITS, torch_threads: int | None = None, depth: str | None = None,
+                 condition_root: str | None = None) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.net = load_feature_net(feature_net).to(device)
         self.aligner = load_aligner(clip, device=device) if clip else None
         self.device, self.batch_size, self.splits = device, batch_size, splits
+        self.fidelity = None
+        if depth and self.aligner is not None:
+            from tasks.evaluation.fidelity import ConditionFidelity
+
+            self.fidelity = ConditionFidelity(depth, self.aligner, condition_root, device)
 
     def measure(self, tar_url: str, generated: bool) -> dict[str, np.ndarray]:
         """Statistics arrays of one shard (``fid/…``, ``is/…``, ``clip/…``, ``skipped``)."""
         fid = FrechetStats.empty(self.net.num_features)
         inception = InceptionScoreStats.empty(self.net.num_classes, self.splits)
         clip = MeanStats()
+        from tasks.evaluation.fidelity import KEYS as FIDELITY_KEYS
+
+        fidelity = {k: MeanStats() for k in FIDELITY_KEYS}
         skipped = 0
         shard = tar_url.rsplit("/", 1)[-1].rsplit(".", 1)[0]
         for batch in _batches(iter_tar_samples(tar_url), self.batch_size):
-            images, keys, prompts = [], [], []
+            images, keys, prompts, rows = [], [], [], []
             for sample in batch:
                 data = sample_image(sample)
                 try:
@@ -90,6 +108,7 @@ class ShardMeasurer:
                     continue
                 keys.append(sample["__key__"])  # unique in a set; the split follows it, not the shard
                 prompts.append(sample_prompt(sample))
+                rows.append(sample_row(sample))
             if not images:
                 continue
             out = self._features(images)
@@ -101,10 +120,16 @@ class ShardMeasurer:
                 image_embeds = self.aligner.image_embeds([img for img, _ in scored])
                 text_embeds = self.aligner.text_embeds([p for _, p in scored])
                 clip = clip + MeanStats.from_values(clip_scores(image_embeds, text_embeds))
+            if generated and self.fidelity is not None:
+                for img, row in zip(images, rows):
+                    for key, value in (self.fidelity.measure(img, row) if row else {}).items():
+                        fidelity[key] = fidelity[key] + MeanStats.from_values([value])
         arrays = {**stats_io.prefixed("fid", fid.state()), **stats_io.prefixed("clip", clip.state()),
                   "skipped": np.array(skipped, np.int64)}
         if generated:
             arrays.update(stats_io.prefixed("is", inception.state()))
+            for key, stats in fidelity.items():
+                arrays.update(stats_io.prefixed(key, stats.state()))
         return arrays
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from tasks import storage
+from tasks.evaluation.fidelity import KEYS as FIDELITY_KEYS
 from tasks.evaluation.measure import sample_image
 from tasks.shards import iter_tar_samples
 
@@ -27,6 +28,9 @@ def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         for key, _ in METRICS:
             row[key] = _round(values[key])
             row[f"paper_{key}"] = paper.get(key, "")
+        for key in FIDELITY_KEYS:
+            if key in values:
+                row[key] = _round(values[key])
         rows.append(row)
     return rows
 

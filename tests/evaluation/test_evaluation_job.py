@@ -81,7 +81,7 @@ def test_metrics_do_not_depend_on_sharding_and_rerun_measures_nothing(sets):
     assert Image.open(metrics["figure_url"]).size[0] > 300
     again = run_evaluation(cfg)
     assert again["shards_measured"] == 0 and metrics["shards_measured"] == 3 + 1 + 3 + 1 + 3
-    assert again["settings"] == s
+    assert json.dumps(again["settings"], sort_keys=True) == json.dumps(s, sort_keys=True)  # NaN-safe
     with pytest.raises(EvaluationConflict, match="splits"):
         run_evaluation(EvaluationConfig(**{**cfg.__dict__, "splits": 4}))
 
@@ -109,3 +109,45 @@ def test_ray_actor_pool_gives_the_local_numbers(sets, tmp_path):
     for name in settings:
         for key in ("fid", "inception_score", "clip_score", "images"):
             assert ray_run["settings"][name][key] == pytest.approx(local["settings"][name][key], rel=1e-9)
+
+
+def test_condition_fidelity_follows_the_rows_conditions(tmp_path):
+    """An image that IS its fg exemplar (mask everywhere) has fg exemplar similarity 1; rows without
+    conditions contribute nothing; depth errors are mean absolute errors in [0, 1]."""
+    rng = np.random.default_rng(3)
+    cond = tmp_path / "cond"
+    cond.mkdir()
+    fg = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+    other = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+    Image.fromarray(fg).save(cond / "fg.png")
+    Image.fromarray(other).save(cond / "other.png")
+    Image.fromarray(np.full((40, 40), 255, np.uint8)).save(cond / "all.png")
+    depth = np.zeros((40, 40), np.uint16)
+    depth[10:30, 5:20] = 60000
+    Image.fromarray(depth).save(cond / "depth.png")
+    rows = [{"id": "same", "prompt": "p", "seed": 0, "fg_exemplar": "fg.png", "mask": "all.png"},
+            {"id": "diff", "prompt": "p", "seed": 0, "fg_exemplar": "other.png", "mask": "all.png"},
+            {"id": "depth", "prompt": "p", "seed": 0, "fg_depth": "depth.png", "bg_depth": "depth.png"},
+            {"id": "plain", "prompt": "p", "seed": 0}]
+    url = str(tmp_path / "gen")
+    with ShardWriter(*shard_urls(url, 0)) as writer:
+        for row in rows:
+            writer.add_sample(row["id"], row["id"], {"png": _png(fg), "json": json.dumps(row).encode()})
+        writer.commit()
+    real = write_set(str(tmp_path / "real"), _images(0, 4, bright=False), 4)
+    metrics = run_evaluation(EvaluationConfig(real=real, settings={"g": url}, out=str(tmp_path / "e"),
+                                              executor="local", splits=2, depth="tiny",
+                                              condition_root=str(cond)))["settings"]["g"]
+    from tasks.evaluation.measure import ShardMeasurer
+
+    measurer = ShardMeasurer(depth="tiny", condition_root=str(cond), splits=2)
+    same = measurer.fidelity.measure(fg, rows[0])
+    diff = measurer.fidelity.measure(fg, rows[1])
+    assert same["exemplar_fg_similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert diff["exemplar_fg_similarity"] < same["exemplar_fg_similarity"] - 1e-3
+    assert set(measurer.fidelity.measure(fg, rows[2])) == {"depth_fg_error", "depth_bg_error"}
+    assert measurer.fidelity.measure(fg, rows[3]) == {}
+    assert metrics["exemplar_fg_similarity"] == pytest.approx(
+        (same["exemplar_fg_similarity"] + diff["exemplar_fg_similarity"]) / 2, rel=1e-6)
+    assert 0 <= metrics["depth_fg_error"] <= 1 and 0 <= metrics["depth_bg_error"] <= 1
+    assert math.isnan(metrics["exemplar_bg_similarity"])  # the mask covers everything: no background
