@@ -32,6 +32,7 @@ class ImageShardJob(ShardJob):
     extra_columns: dict[str, pa.DataType] = {}
     actors: int = 1
     gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
     _worker: Any = None
 
     def parse(self, shard: Shard) -> Parsed:
@@ -88,7 +89,8 @@ class ImageShardJob(ShardJob):
                 finish(i)
         try:
             if items:
-                for out in run_groups(items, self.worker_kind, self.worker_kwargs(), self.actors, self.gpus_per_actor):
+                for out in run_groups(items, self.worker_kind, self.worker_kwargs(), self.actors, self.gpus_per_actor,
+                                      self.cpus_per_actor):
                     i, result = int(out["shard"]), json.loads(out["result"])
                     collected[i][result["id"]] = (result, out["png"] or None)
                     if i in open_shards and len(collected[i]) == len(parsed[i][0]):

@@ -33,6 +33,7 @@ class GenerationConfig:
     actors: int = 1
     gpus_per_actor: float = 0.0
     device: str | None = None
+    cpus_per_actor: float = 1.0
 
     def identity(self) -> dict[str, Any]:
         """What decides the bytes (the batch size too: a batched UNet may round differently)."""
@@ -68,7 +69,7 @@ class GenerationJob(ImageShardJob):
 
     def __init__(self, cfg: GenerationConfig) -> None:
         self.cfg = cfg
-        self.actors, self.gpus_per_actor = cfg.actors, cfg.gpus_per_actor
+        self.actors, self.gpus_per_actor, self.cpus_per_actor = cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor
 
     @property
     def out_url(self) -> str:  # type: ignore[override]
