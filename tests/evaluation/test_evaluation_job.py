@@ -61,7 +61,6 @@ def sets(tmp_path):
     }
 
 
-@pytest.mark.slow
 def test_metrics_do_not_depend_on_sharding_and_rerun_measures_nothing(sets):
     cfg = EvaluationConfig(real=sets["real"], settings={"same": sets["same"], "gen3": sets["gen3"],
                                                         "gen1": sets["gen1"], "bad": sets["bad"]},

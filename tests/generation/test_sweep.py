@@ -60,7 +60,6 @@ def test_invalid_specs_become_reject_rows_and_bad_sweeps_one_error(tmp_path):
             parse_sweep(data, tmp_path)
 
 
-@pytest.mark.slow
 def test_sweep_images_are_cnc_glods_and_are_scored(sweep_file, tmp_path):
     sweep = load_sweep(sweep_file)
     renderer = GLoDRenderer("tiny", clip="tiny", steps=sweep.steps)
@@ -92,7 +91,6 @@ def test_pareto_front_and_figures():
     assert alignment_plot(results).size == (420, 420)
 
 
-@pytest.mark.slow
 def test_sweep_job_two_specs_two_weights_two_seeds(sweep_file, tmp_path):
     import pyarrow.parquet as pq
 
