@@ -89,8 +89,8 @@ def plan(cfg: EvaluationConfig) -> list[dict[str, Any]]:
     """Every (set, shard) to measure, with the URL of its statistics file."""
     items = []
     for name, url in _sets(cfg).items():
-        tars = storage.list_files(url, ".tar")
-        if not tars:
+        tars = storage.list_files(url, ".tar") or storage.list_files(storage.join(url, "shards"), ".tar")
+        if not tars:  # a job's output folder works as well as its shards/ folder
             raise FileNotFoundError(f"{name}: no .tar shards under {url}")
         for tar in tars:
             shard = tar.rsplit("/", 1)[-1][: -len(".tar")]

@@ -115,14 +115,19 @@ class SweepJob(ImageShardJob):
         results_url = storage.join(self.out_url, "results.parquet")
         storage.write_bytes(results_url, buffer.getvalue())
         figures = []
+        rows_axis, cols_axis = self.sweep.contact_rows, self.sweep.contact_columns
+        first_of_cell: dict[tuple, str] = {}
+        for r in results:  # a contact sheet shows one image per cell: read only those, in one pass
+            if r["status"] == "ok":
+                first_of_cell.setdefault((r["spec_name"], _key(r["point"][rows_axis]), _key(r["point"][cols_axis])),
+                                         r["id"])
+        wanted = set(first_of_cell.values())
+        images = {s["__key__"]: s["png"] for shard in report.committed for s in iter_tar_samples(shard.tar_url)
+                  if s["__key__"] in wanted}
         for name in self.sweep.spec_names:
             spec_rows = [r for r in results if r["spec_name"] == name]
-            wanted = {r["id"] for r in spec_rows if r["status"] == "ok"}
-            images = {s["__key__"]: s["png"] for shard in report.committed for s in iter_tar_samples(shard.tar_url)
-                      if s["__key__"] in wanted}
             figures.append(_write_png(storage.join(self.out_url, f"contact-{name}.png"),
-                                      contact_sheet(spec_rows, images, self.sweep.contact_rows,
-                                                    self.sweep.contact_columns)))
+                                      contact_sheet(spec_rows, images, rows_axis, cols_axis)))
         figures.append(_write_png(storage.join(self.out_url, "alignment.png"), alignment_plot(results)))
         reasons = report.reasons
         report.write_manifest({
@@ -157,6 +162,10 @@ def _write_png(url: str, image: Any) -> str:
     image.save(buffer, format="PNG")
     storage.write_bytes(url, buffer.getvalue())
     return url
+
+
+def _key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def _num(value: Any) -> float:
