@@ -10,7 +10,10 @@ from typing import Optional
 
 import typer
 
-from flows.errors import fail, first_line
+from flows.errors import fail, fail_with
+from flows.run_options import run_options
+from tasks.ingest_config import IngestConfig
+from tasks.run_options import RunOptions
 
 app = typer.Typer(help="Compose and Conquer: build triplet data, train, evaluate and generate.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -21,24 +24,36 @@ def ingest(
     source_format: str = typer.Option(..., "--source-format", help="folder, coco-stuff, pickapic or webdataset"),
     source: str = typer.Option(..., "--source", help="source URL (path, file://, s3://, memory://)"),
     out: str = typer.Option(..., "--out", help="output URL for the shards"),
-    size: int = typer.Option(512, "--size", help="side of the square centre crop"),
-    shard_size: int = typer.Option(256, "--shard-size", help="inputs per shard"),
+    size: int = typer.Option(IngestConfig.size, "--size", help="side of the square centre crop"),
+    shard_size: int = typer.Option(IngestConfig.shard_size, "--shard-size", help="inputs per shard"),
     resume: bool = typer.Option(False, "--resume", help="finish an unfinished run in --out"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N inputs"),
-    quality: int = typer.Option(95, "--quality", help="JPEG quality of the crops"),
+    quality: int = typer.Option(IngestConfig.quality, "--quality", help="JPEG quality of the crops"),
+    executor: str = typer.Option(RunOptions.executor, "--executor",
+                                 help="auto, ray (local Ray or RAY_ADDRESS), processes (a pool on this "
+                                      "machine) or local (this process); auto says what it picked"),
+    max_attempts: int = typer.Option(RunOptions.max_attempts, "--max-attempts",
+                                     help="tries per shard before it is recorded as failed"),
+    shard_timeout: Optional[float] = typer.Option(RunOptions.shard_timeout_s, "--shard-timeout",
+                                                  help="seconds per shard attempt (Ray)"),
+    max_reject_share: Optional[float] = typer.Option(RunOptions.max_reject_share, "--max-reject-share",
+                                                     help="fail the run above this share of rejects "
+                                                          "(default: only when every input is rejected)"),
 ) -> None:
-    """Shard source images into WebDataset tars of centre crops (Ray Data)."""
-    from tasks.ingest import OutputConflict, run_ingest
+    """Shard source images into WebDataset tars of centre crops (Ray)."""
+    from tasks.ingest import run_ingest
+    from tasks.shard_job import OutputBusy, OutputConflict, ShardJobFailed
     from tasks.sources import SOURCE_FORMATS
     from tasks.sources.base import SourceError
 
     if source_format not in SOURCE_FORMATS:
         fail(f"unknown --source-format {source_format!r}; choose one of {', '.join(SOURCE_FORMATS)}")
+    options = run_options(executor, max_attempts, shard_timeout, max_reject_share)
     try:
         result = run_ingest(source_format, source, out, size=size, shard_size=shard_size, resume=resume,
-                            limit=limit, quality=quality, progress=True)
-    except (SourceError, OutputConflict, OSError, ValueError) as exc:
-        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                            limit=limit, quality=quality, progress=True, executor=executor, run_options=options)
+    except (SourceError, OutputConflict, OutputBusy, ShardJobFailed, OSError, ValueError) as exc:
+        fail_with(exc)
     typer.echo(result.summary())
 
 

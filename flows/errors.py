@@ -21,6 +21,23 @@ def fail(message: str, code: int = USAGE) -> NoReturn:
     raise typer.Exit(code)
 
 
+def exit_code_of(exc: BaseException) -> int:
+    """Usage (2) for what the user fixes in the command; runtime (1) for work that failed."""
+    from tasks.lease import OutputBusy
+    from tasks.shard_job import ShardJobFailed
+
+    if isinstance(exc, (ShardJobFailed, OutputBusy)):
+        return RUNTIME
+    if isinstance(exc, OSError) and "not writable" not in str(exc):
+        return RUNTIME
+    return USAGE
+
+
+def fail_with(exc: BaseException) -> NoReturn:
+    """End the command on ``exc``: one line, and the exit status its kind calls for."""
+    fail(first_line(exc), exit_code_of(exc))
+
+
 def first_line(exc: BaseException) -> str:
     """An exception as one line: its message's first line, or its type's name."""
     text = str(exc)

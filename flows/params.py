@@ -6,6 +6,9 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, Field
 
+from tasks.ingest_config import IngestConfig
+from tasks.triplets.config import INPAINT_STEPS, StageOptions, TripletsConfig
+
 SourceFormat = Literal["folder", "coco-stuff", "pickapic", "webdataset"]
 
 
@@ -15,19 +18,19 @@ class IngestParams(BaseModel):
     source_format: SourceFormat = Field("folder", description="layout of the source")
     source: str = Field(..., description="source URL: a path, file://, s3://, memory://")
     out: str = Field(..., description="output URL of the ingested shards")
-    size: int = Field(512, ge=8, le=4096, description="side of the square centre crop, in pixels")
-    shard_size: int = Field(256, ge=1, description="inputs per shard")
-    quality: int = Field(95, ge=50, le=100, description="JPEG quality of the crops")
+    size: int = Field(IngestConfig.size, ge=8, le=4096, description="side of the square centre crop, in pixels")
+    shard_size: int = Field(IngestConfig.shard_size, ge=1, description="inputs per shard")
+    quality: int = Field(IngestConfig.quality, ge=50, le=100, description="JPEG quality of the crops")
     limit: Optional[int] = Field(None, ge=1, description="only the first N inputs (for trials)")
 
 
 class StageParams(BaseModel):
     """Resources of one model stage's Ray actor pool."""
 
-    batch_size: int = Field(8, ge=1, description="samples per model call")
+    batch_size: int = Field(StageOptions.batch_size, ge=1, description="samples per model call")
     num_cpus: Optional[float] = Field(None, gt=0, description="CPUs per actor (default: a small share; "
                                       "inpainting shares what the other stages leave)")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a GPU")
+    num_gpus: float = Field(StageOptions.num_gpus, ge=0, description="GPUs per actor; fractions share a GPU")
     min_actors: Optional[int] = Field(None, ge=1, description="actors started before the first batch (default 1; "
                                       "inpainting on CPUs: ~80% of the CPUs' count)")
     max_actors: Optional[int] = Field(None, ge=1, description="largest size of the pool (default: min_actors; "
@@ -42,12 +45,13 @@ class BuildTripletsParams(BaseModel):
     source_format: SourceFormat = Field("folder", description="layout of the source")
     source: str = Field(..., description="source URL: a path, file://, s3://")
     out: str = Field(..., description="output URL; ingest/ and triplets/ are written under it")
-    preset: Literal["tiny", "sd15"] = Field("tiny", description="model preset")
-    size: int = Field(512, ge=8, le=4096, description="side of the square crops")
-    shard_size: int = Field(256, ge=1, description="inputs per shard")
+    preset: Literal["tiny", "sd15"] = Field(TripletsConfig.preset, description="model preset")
+    size: int = Field(IngestConfig.size, ge=8, le=4096, description="side of the square crops")
+    shard_size: int = Field(IngestConfig.shard_size, ge=1, description="inputs per shard")
     limit: Optional[int] = Field(None, ge=1, description="only the first N inputs")
-    inpaint_steps: int = Field(25, ge=1, le=200, description="denoising steps of the inpainting")
-    clip: bool = Field(False, description="also store CLIP image embeddings of fg and bg")
-    latents: bool = Field(False, description="also store VAE latents of the source crop (fast training)")
+    inpaint_steps: int = Field(INPAINT_STEPS, ge=1, le=200, description="denoising steps of the inpainting")
+    clip: bool = Field(TripletsConfig.clip, description="also store CLIP image embeddings of fg and bg")
+    latents: bool = Field(TripletsConfig.latents, description="also store VAE latents of the source crop (fast "
+                          "training)")
     stages: dict[str, StageParams] = Field(default_factory=dict,
                                            description="per-stage resources, e.g. {'inpaint': {'num_gpus': 1}}")

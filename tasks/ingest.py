@@ -15,11 +15,13 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tasks import storage
+from tasks.ingest_config import IngestConfig
 from tasks.manifest import versions
+from tasks.run_options import EXECUTORS
 from tasks.shard_job import (PROPAGATE, OutputConflict, RunOptions, RunReport, Shard, ShardJob, describe,
                              is_transient, run_shard_job)
 from tasks.shards import ShardWriter, read_index, shard_name, shard_urls
@@ -35,26 +37,6 @@ MAX_CAPTION_CHARS = 4096
 def sample_key(source_id: str) -> str:
     """A stable, filename-safe WebDataset key for a source id."""
     return hashlib.sha1(source_id.encode("utf-8", "surrogatepass")).hexdigest()[:20]
-
-
-@dataclass(frozen=True)
-class IngestConfig:
-    """Everything that determines the output bytes; stored in the output and compared on re-runs."""
-
-    source_format: str
-    source_url: str
-    out_url: str
-    size: int = 512
-    shard_size: int = 256
-    quality: int = 95
-    min_side: int = 64
-    limit: int | None = None
-    source_options: dict[str, Any] = field(default_factory=dict)
-
-    def identity(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("out_url")
-        return d
 
 
 @dataclass
@@ -206,6 +188,9 @@ class IngestJob(ShardJob):
     def out_url(self) -> str:  # type: ignore[override]
         return self.cfg.out_url
 
+    def in_process_only(self) -> bool:
+        return any(u.startswith("memory://") for u in (self.cfg.source_url, self.cfg.out_url))
+
     def identity(self) -> dict[str, Any]:
         return self.cfg.identity()
 
@@ -247,8 +232,9 @@ def run_ingest(source_format: str, source_url: str, out_url: str, *, size: int =
     """Shard a source into WebDataset tars. See the module docstring.
 
     ``executor="ray"`` runs one Ray task per shard (local Ray, or the cluster at ``RAY_ADDRESS``);
-    ``"local"`` runs the shards one after another in this process (debugging, ``memory://`` URLs,
-    baselines). ``run_options`` sets the runner's retries, timeout, lease and reject share
+    ``"processes"`` a pool of worker processes on this machine; ``"local"`` the shards one after
+    another in this process (debugging, ``memory://`` URLs, baselines); ``"auto"`` picks one
+    (:func:`tasks.shard_job.choose_executor`). All write the same bytes. ``run_options`` sets the runner's retries, timeout, lease and reject share
     (:class:`tasks.shard_job.RunOptions`); ``executor``, ``resume``, ``progress`` and ``on_shard``
     override its fields.
     """
@@ -265,10 +251,11 @@ def run_ingest(source_format: str, source_url: str, out_url: str, *, size: int =
 
 def validate_inputs(cfg: IngestConfig, executor: str = "ray") -> Source:
     """Fail fast, with one line, before any work: bad format, missing source, unwritable output."""
-    if executor not in ("ray", "local"):
-        raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
-    if executor == "ray" and any(u.startswith("memory://") for u in (cfg.source_url, cfg.out_url)):
-        raise ValueError("memory:// lives inside one process; Ray workers cannot see it (use executor='local')")
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if executor in ("ray", "processes") and any(u.startswith("memory://") for u in (cfg.source_url, cfg.out_url)):
+        raise ValueError(f"memory:// lives inside one process; {executor} workers cannot see it "
+                         "(use executor='local')")
     if cfg.size < 8:
         raise ValueError(f"--size must be at least 8, got {cfg.size}")
     if cfg.shard_size < 1:

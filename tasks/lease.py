@@ -5,7 +5,8 @@ The lease is a folder ``_lease/`` of numbered generation files (``000001.json``,
 creating the next generation *if absent* (``O_EXCL`` on local disks, ``If-None-Match: *`` on S3,
 the same on ``memory://``), so of two runs racing for a free or expired lease exactly one wins.
 A live lease (``expires`` in the future) is refused with :class:`OutputBusy`; an expired one (its
-run died) is taken over. The holder renews its own generation in a background thread; a holder
+run died) is taken over, and so is one whose process is gone from this host (a killed run on a
+laptop need not wait for the expiry). The holder renews its own generation in a background thread; a holder
 that finds a newer generation has lost the lease and stops renewing. Releasing removes the
 folder, so a finished output holds no trace of the lease.
 """
@@ -24,11 +25,11 @@ import uuid
 from typing import Any
 
 from tasks import storage
+from tasks.run_options import DEFAULT_LEASE_SECONDS
 
 log = logging.getLogger(__name__)
 
 LEASE_DIR = "_lease"
-DEFAULT_LEASE_SECONDS = 600.0
 
 
 class OutputBusy(RuntimeError):
@@ -58,6 +59,19 @@ def _create_exclusive(url: str, data: bytes) -> bool:
             return False
         raise
     return True
+
+
+def _dead_here(holder: dict[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone (killed, OOM): no need to wait for expiry."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class Lease:
@@ -102,7 +116,7 @@ class Lease:
         """Take the lease or raise :class:`OutputBusy` naming the run that holds it."""
         for _ in range(5):
             gen, holder = self._latest()
-            if holder is not None and float(holder.get("expires", 0)) > time.time():
+            if holder is not None and float(holder.get("expires", 0)) > time.time() and not _dead_here(holder):
                 until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(holder["expires"])))
                 raise OutputBusy(
                     f"{self.out_url} is being written by another run (run {holder.get('run_id')} on "

@@ -22,8 +22,10 @@ What :func:`run_shard_job` guarantees, in order:
    unfinished output needs ``resume=True``;
 3. the plan; committed shards (their index exists) are skipped after checking that their stored
    input hash matches the plan (a changed source is refused, never silently mixed);
-4. pending shards run locally (in order, in this process) or as plain Ray tasks, at most
-   ``max_attempts`` times each, each attempt within ``shard_timeout_s`` (Ray only); a shard that
+4. pending shards run on the chosen executor (:func:`choose_executor`: ``ray`` plain Ray tasks,
+   ``processes`` a pool of worker processes on this machine, ``local`` in order in this process;
+   all write the same bytes), at most ``max_attempts`` times each, each attempt within
+   ``shard_timeout_s`` (ray and processes); a shard that
    still fails is recorded in the manifest's ``failed_shards`` and the run raises
    :class:`ShardJobFailed` naming it, after finishing every other shard;
 5. the finish: ``rejects.parquet`` from every committed index, then the job's manifest; a run
@@ -40,20 +42,22 @@ import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tasks import storage
-from tasks.lease import DEFAULT_LEASE_SECONDS, Lease, OutputBusy
+from tasks.lease import Lease, OutputBusy
+from tasks.run_options import EXECUTORS, RunOptions
 from tasks.shards import ShardWriter, read_index, read_input_hash, shard_urls
 
 log = logging.getLogger(__name__)
 
-EXECUTORS = ("ray", "local")
 CONFIG_FILE = "_config.json"
 TEMP_MARK = ".tmp-"
 
@@ -157,27 +161,17 @@ def input_hash(inputs: Any) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@dataclass
-class RunOptions:
-    """How to run a job; none of these change the output bytes."""
-
-    executor: str = "ray"
-    resume: bool = False
-    progress: bool = False
-    on_shard: Callable[[dict[str, Any]], None] | None = None
-    max_attempts: int = 3  # per shard, counting the first
-    shard_timeout_s: float | None = None  # per attempt; enforced on Ray (a local attempt cannot be interrupted)
-    lease_seconds: float = DEFAULT_LEASE_SECONDS
-    max_reject_share: float | None = None  # None: fail only when every input is rejected
-    num_cpus: float = 1.0  # per shard task on Ray
-
-
 class ShardJob:
     """Base class of a shard job; see the module docstring for what a subclass supplies."""
 
     kind: str = "shard-job"
     out_url: str = ""
     unit: str = "item"
+    executors: tuple[str, ...] = ("ray", "processes", "local")  # what the job can run on
+
+    def in_process_only(self) -> bool:
+        """Whether the job reads or writes ``memory://`` (visible in this process only)."""
+        return self.out_url.startswith("memory://")
 
     @property
     def shards_url(self) -> str:
@@ -202,6 +196,10 @@ class ShardJob:
         The default runs :meth:`process_shard` per shard on ``opts.executor``."""
         if opts.executor == "ray":
             _run_ray(self, pending, opts, done, failed)
+        elif opts.executor == "processes":
+            from tasks.process_pool import run_in_processes
+
+            run_in_processes(self, pending, opts, done, failed, log)
         else:
             _run_local(self, pending, opts, done, failed)
 
@@ -218,6 +216,7 @@ class RunReport:
 
     job: ShardJob
     shards: list[Shard]
+    executor: str = ""
     written: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     rejects: list[dict[str, Any]] = field(default_factory=list)  # source_id, reason, shard, detail, retryable
@@ -273,6 +272,32 @@ class RunReport:
 # ---------------------------------------------------------------------------------- the driver
 
 
+def choose_executor(requested: str, job: ShardJob, num_pending: int | None = None) -> tuple[str, str]:
+    """(executor, why): ``requested`` unless it is ``auto``. Auto: Ray when a cluster is given
+    (``RAY_ADDRESS``, or Ray already started in this process); else this process for memory://
+    URLs or a single shard; else a process pool, which starts in well under a second where a
+    local Ray costs ~10 CPU-seconds (docs/benchmarks.md)."""
+    if requested not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {requested!r}")
+    if requested != "auto":
+        if requested not in job.executors:
+            raise ValueError(f"{job.kind} runs on {', '.join(job.executors)}, not {requested!r}")
+        return requested, "asked for"
+    if job.in_process_only():
+        return "local", "memory:// URLs live in this process"
+    if os.environ.get("RAY_ADDRESS") or _ray_running():
+        return "ray", "RAY_ADDRESS is set" if os.environ.get("RAY_ADDRESS") else "Ray is running in this process"
+    if "processes" not in job.executors:
+        return "ray", f"{job.kind} runs its pools on Ray"
+    if num_pending is not None and num_pending <= 1 or (os.cpu_count() or 1) == 1:
+        return "local", "one shard (or one core): no worker to start"
+    return "processes", "one machine and no RAY_ADDRESS: a process pool (use --executor ray for Ray)"
+
+
+def _ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def run_shard_job(job: ShardJob, opts: RunOptions | None = None) -> Any:
     """Run ``job`` exactly once per shard (see the module docstring); returns ``job.finalize``'s result."""
     opts = opts or RunOptions()
@@ -287,7 +312,12 @@ def run_shard_job(job: ShardJob, opts: RunOptions | None = None) -> Any:
         claim_output(job, opts.resume)
         shards = job.plan()
         pending = [s for s in shards if not _committed(s)]
-        report = RunReport(job, shards)
+        executor, why = choose_executor(opts.executor, job, len(pending))
+        opts = replace(opts, executor=executor)
+        log.info("%s: %d of %d shards to do on %s (%s)", job.kind, len(pending), len(shards), executor, why)
+        if opts.announce and pending:
+            opts.announce(f"{job.kind}: executor {executor} ({why})")
+        report = RunReport(job, shards, executor=executor)
         bar = _progress_bar(sum(s.size for s in pending), opts.progress, job.kind, job.unit)
 
         def done(shard: Shard, row: dict[str, Any]) -> None:

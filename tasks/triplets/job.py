@@ -19,17 +19,19 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from tasks import storage
 from tasks.manifest import versions
-from tasks.shard_job import PROPAGATE, RunOptions, RunReport, Shard, ShardJob, describe, run_shard_job
+from tasks.shard_job import (PROPAGATE, RunOptions, RunReport, Shard, ShardJob, choose_executor, describe,
+                             run_shard_job)
 from tasks.shards import iter_tar_samples, read_index, shard_name, shard_urls
 from tasks.triplets import staging
 from tasks.triplets import resources as pools
+from tasks.triplets.config import StageOptions, TripletsConfig  # noqa: F401 - StageOptions is re-exported
 from tasks.triplets.stage_runner import StageRunner
 
 log = logging.getLogger(__name__)
@@ -48,44 +50,6 @@ OUTPUT_FILES = {
 }
 MALFORMED = "malformed_ingest_sample"
 _INTERNAL = {"key", "source_id", "txt", "reject", "shard", "dilated_png", *OUTPUT_FILES}
-
-
-@dataclass(frozen=True)
-class StageOptions:
-    """Resources and batch size of one stage's actor pool; ``None`` picks the defaults that
-    ``tasks.triplets.resources`` describes."""
-
-    batch_size: int = 8
-    num_cpus: float | None = None
-    num_gpus: float = 0.0
-    min_actors: int | None = None
-    max_actors: int | None = None
-    memory_gib: float | None = None  # Ray's memory request per actor (scheduling, not a limit)
-    cfg: dict[str, Any] = field(default_factory=dict)  # passed to the stage's constructor
-
-
-@dataclass(frozen=True)
-class TripletsConfig:
-    ingest_url: str
-    out_url: str
-    preset: str = "tiny"
-    clip: bool = False
-    latents: bool = False
-    stages: dict[str, StageOptions] = field(default_factory=dict)
-
-    def stage_names(self) -> list[str]:
-        from tasks.triplets.stages import stage_names
-
-        return stage_names(self.clip, self.latents)
-
-    def options(self, name: str) -> StageOptions:
-        return self.stages.get(name, StageOptions())
-
-    def identity(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("out_url")
-        d["stages"] = {k: {"cfg": v.cfg} for k, v in sorted(self.stages.items())}  # resources don't change bytes
-        return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
 @dataclass
@@ -197,11 +161,15 @@ class TripletsJob(ShardJob):
     ingest_manifest: dict[str, Any]
     kind: str = "build-triplets"
     unit: str = "img"
+    executors: tuple[str, ...] = ("ray", "local")
     stage_seconds: Counter = field(default_factory=Counter)
 
     @property
     def out_url(self) -> str:  # type: ignore[override]
         return self.cfg.out_url
+
+    def in_process_only(self) -> bool:
+        return any(u.startswith("memory://") for u in (self.cfg.ingest_url, self.cfg.out_url))
 
     def identity(self) -> dict[str, Any]:
         return self.cfg.identity()
@@ -242,9 +210,10 @@ def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: b
     t0 = time.perf_counter()
     cfg = TripletsConfig(ingest_url.rstrip("/"), out_url.rstrip("/"), preset, clip, latents, dict(stages or {}))
     ingest_manifest = _validate(cfg, executor)
+    job = TripletsJob(cfg, ingest_manifest)
+    executor, _why = choose_executor(executor, job)
     if executor == "ray":
         _plan_ray_pools(cfg, warn=True)  # a request that cannot fit fails here, before the output is claimed
-    job = TripletsJob(cfg, ingest_manifest)
     opts = replace(run_options or RunOptions(), executor=executor, resume=resume, progress=progress,
                    on_shard=(lambda row: on_shard(row["shard"])) if on_shard else None)
     result = run_shard_job(job, opts)
@@ -255,8 +224,8 @@ def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: b
 def _validate(cfg: TripletsConfig, executor: str) -> dict[str, Any]:
     from cnc_model.presets import get_preset
 
-    if executor not in ("ray", "local"):
-        raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
+    if executor not in ("auto", "ray", "local"):
+        raise ValueError(f"build-triplets runs on ray or local (or auto), not {executor!r}")
     if executor == "ray" and any(u.startswith("memory://") for u in (cfg.ingest_url, cfg.out_url)):
         raise ValueError("memory:// lives inside one process; Ray workers cannot see it (use executor='local')")
     get_preset(cfg.preset)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from tasks.triplets import masks as M
+from tasks.triplets.config import INPAINT_STEPS
 
 REJECT_CORRUPT = "corrupt_image"
 REJECT_BLANK = "blank_image"
@@ -278,7 +279,7 @@ class InpaintStage(Stage):
     number_outputs = {"seed": np.int64}
 
     def __init__(self, preset: str = "tiny", device: str | None = None, batch_size: int = 4,
-                 pad_batches: bool = True, num_inference_steps: int = 25, guidance_scale: float = 10.0,
+                 pad_batches: bool = True, num_inference_steps: int = INPAINT_STEPS, guidance_scale: float = 10.0,
                  strength: float = 1.0, prompt: str | None = None, negative_prompt: str | None = None,
                  paste_unmasked: bool = False, jpeg_quality: int = 95, model: str | None = None, seed: int = 0):
         super().__init__(preset, device, batch_size, pad_batches)

@@ -47,7 +47,8 @@ def test_ingest_and_triplets_bytes_are_those_of_the_code_before_the_runner(photo
     assert got == BEFORE_THE_RUNNER
 
 
-def test_ingest_on_ray_tasks_writes_the_same_bytes(ray_local, photos, tmp_path):
-    run_ingest("folder", str(photos), str(tmp_path / "ingest"), size=32, shard_size=2)
+@pytest.mark.parametrize("executor", ["ray", "processes"])
+def test_ingest_writes_the_same_bytes_on_every_executor(ray_local, photos, tmp_path, executor):
+    run_ingest("folder", str(photos), str(tmp_path / "ingest"), size=32, shard_size=2, executor=executor)
     assert tar_hashes(tmp_path / "ingest", "ingest") == {k: v for k, v in BEFORE_THE_RUNNER.items()
                                                          if k.startswith("ingest/")}
