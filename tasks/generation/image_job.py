@@ -29,6 +29,7 @@ class ImageShardJob(ShardJob):
     and optionally :meth:`index_extra` (more index columns from a row's result)."""
 
     worker_kind: str = ""
+    executors: tuple[str, ...] = ("ray", "local")  # models load once per actor, not once per process
     extra_columns: dict[str, pa.DataType] = {}
     actors: int = 1
     gpus_per_actor: float = 0.0
