@@ -24,7 +24,7 @@ def generate_batch(
     actors: int = typer.Option(1, "--actors", min=1, help="generation actors (models loaded once each)"),
     gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", min=0.0, help="GPUs per actor"),
     device: Optional[str] = typer.Option(None, "--device", help="torch device of the actors, e.g. cuda"),
-    executor: str = typer.Option("ray", "--executor", help="ray or local"),
+    executor: str = typer.Option("auto", "--executor", help="auto (Ray; this process for memory://), ray or local"),
     resume: bool = typer.Option(False, "--resume", help="finish an unfinished run in --out"),
 ) -> None:
     """Generate every row of a job table with CnC; bad rows become rejects with reasons."""
@@ -33,8 +33,8 @@ def generate_batch(
     from tasks.generation.table import TableError
     from tasks.shard_job import OutputBusy, OutputConflict, ShardJobFailed
 
-    if executor not in ("ray", "local"):
-        fail(f"--executor must be ray or local, got {executor!r}")
+    if executor not in ("auto", "ray", "local"):
+        fail(f"--executor must be auto, ray or local, got {executor!r}")
     if (rows is None) == (triplets is None):
         fail("give exactly one of --rows (a job table) or --triplets (a triplet shard set)")
     if triplets is not None:

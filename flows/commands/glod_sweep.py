@@ -13,7 +13,7 @@ def glod_sweep(
     actors: int = typer.Option(1, "--actors", min=1, help="rendering actors"),
     gpus_per_actor: float = typer.Option(0.0, "--gpus-per-actor", min=0.0, help="GPUs per actor"),
     device: str = typer.Option("cpu", "--device", help="torch device of the actors"),
-    executor: str = typer.Option("ray", "--executor", help="ray or local"),
+    executor: str = typer.Option("auto", "--executor", help="auto (Ray; this process for memory://), ray or local"),
     resume: bool = typer.Option(False, "--resume", help="finish an unfinished run in --out"),
 ) -> None:
     """Render a GLoD sweep (specs x weights x step ranges x seeds) and score every image."""
@@ -22,8 +22,8 @@ def glod_sweep(
     from tasks.generation.sweep_job import run_sweep
     from tasks.shard_job import OutputBusy, OutputConflict, ShardJobFailed
 
-    if executor not in ("ray", "local"):
-        fail(f"--executor must be ray or local, got {executor!r}")
+    if executor not in ("auto", "ray", "local"):
+        fail(f"--executor must be auto, ray or local, got {executor!r}")
     try:
         result = run_sweep(sweep, out, clip=clip, shard_size=shard_size, actors=actors, gpus_per_actor=gpus_per_actor,
                            device=device, executor=executor, resume=resume, progress=True)
