@@ -78,6 +78,10 @@ class GenerationJob(ImageShardJob):
     def identity(self) -> dict[str, Any]:
         return self.cfg.identity()
 
+    def in_process_only(self) -> bool:
+        urls = (self.cfg.out_url, self.cfg.rows_url, self.cfg.condition_root or "")
+        return any(u.startswith("memory://") for u in urls)
+
     def plan(self) -> list[Shard]:
         shards, chunk, seen = [], [], set()
         for source_id, raw, error in read_rows(self.cfg.rows_url):

@@ -75,3 +75,9 @@ def test_ray_actor_pool_writes_the_local_bytes(job_table, tmp_path):
     result = run_generation(on_ray, executor="ray")
     assert result.images == 5 and result.rejects == 4
     assert _tar_hashes(on_ray.out_url) == _tar_hashes(local.out_url)
+
+
+def test_auto_runs_a_memory_table_in_this_process(memory_url):
+    storage.write_bytes(f"{memory_url}/jobs.jsonl", b'{"id": "m1", "prompt": "a red cube", "seed": 1, "steps": 1}\n')
+    result = run_generation(GenerationConfig(f"{memory_url}/jobs.jsonl", f"{memory_url}/out"), executor="auto")
+    assert (result.rows, result.images) == (1, 1)
