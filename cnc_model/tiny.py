@@ -169,3 +169,22 @@ def tiny_clip_image_encoder(seed: int = 0) -> tuple[CLIPVisionModelWithProjectio
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )
     return model, processor
+
+
+def tiny_clip_model(seed: int = 0) -> tuple[Any, CLIPTokenizer]:
+    """Seeded tiny CLIP (text + vision, 32 px, projection 16) and its tokenizer: the tiny preset's
+    model for CLIPScore and alignment scores."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=MAX_TEXT_TOKENS,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    return CLIPModel(config).eval(), tokenizer

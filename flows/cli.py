@@ -73,13 +73,19 @@ def demo(
 def _register_commands() -> None:
     """Commands whose modules live in flows/commands (they import their heavy parts lazily)."""
     from flows.commands.build_triplets import build_triplets
+    from flows.commands.evaluate import evaluate
     from flows.commands.generate import generate
+    from flows.commands.generate_batch import generate_batch
     from flows.commands.glod import glod
     from flows.commands.models import app as models_app
     from flows.commands.train import train
+    from flows.commands.glod_sweep import glod_sweep
 
     app.command("build-triplets")(build_triplets)
+    app.command("evaluate")(evaluate)
     app.command("generate")(generate)
+    app.command("generate-batch")(generate_batch)
+    app.command("glod-sweep")(glod_sweep)
     app.command("glod")(glod)
     app.add_typer(models_app, name="models")
     app.command("train")(train)

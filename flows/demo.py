@@ -2,8 +2,9 @@
 
 Local Ray, Prefect's local server on SQLite (ephemeral unless PREFECT_API_URL is set), a local
 folder as storage and the tiny model preset: the build-triplets flow (ingest to contact sheet),
-then the train-cnc flow (the three CnC stages, briefly, on Ray Train) and one image generated
-from the trained pipeline folder.
+then the train-cnc flow (the three CnC stages, briefly, on Ray Train), one image generated from
+the trained pipeline folder, and a short evaluation of that model (generate-batch in three
+settings, evaluate-cnc) labelled as plumbing.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _start_over_if_stale(out: str) -> None:
     if stamped and storage.read_bytes(stamp_url).decode() == stamp:
         return
     fs, root = storage.get_fs(out)
-    stale = [p for p in ("ingest", "triplets", "train") if fs.exists(f"{root}/{p}")]
+    stale = [p for p in ("ingest", "triplets", "train", "eval") if fs.exists(f"{root}/{p}")]
     if stale and not stamped:
         raise NotADemoOutput(f"{out} holds {' and '.join(stale)} that the demo did not make (no .demo-code stamp); "
                              "choose another --out or remove them yourself")
@@ -76,6 +77,10 @@ def run_demo(out: str) -> dict[str, Any]:
     if triplets["preview_url"]:
         print(f"demo: contact sheet: {triplets['preview_url']}")
     result["train"] = train_and_generate(storage.join(out, "triplets"), storage.join(out, "train"))
+    from flows.demo_evaluation import run_demo_evaluation
+
+    trained = storage.get_fs(result["train"]["stages"][-1]["model_url"])[1]
+    result["evaluation"] = run_demo_evaluation(out, model=trained)
     return result
 
 

@@ -51,3 +51,23 @@ def test_the_local_deployment_runs_on_two_cpus():
     assert opts["inpaint"].cfg == {"num_inference_steps": params.inpaint_steps}
     check_fits(plans, 2, 0)
     assert plans["inpaint"].min_actors == 2
+
+
+@pytest.mark.parametrize("flow_name, params_cls", [
+    (":generate_batch", "GenerateBatchParams"), (":evaluate_cnc", "EvaluateParams"), (":glod_sweep", "GLoDSweepParams")])
+@pytest.mark.parametrize("name", ["local", "cluster"])
+def test_generation_and_evaluation_deployments_validate(flow_name, params_cls, name):
+    import flows.generation_params as gp
+
+    params = getattr(gp, params_cls)(**deployment(flow_name, name)["parameters"]["params"])
+    if name == "cluster":
+        assert getattr(params, "gpus_per_actor") > 0 and getattr(params, "device") == "cuda"
+    if params_cls == "EvaluateParams":
+        assert set(params.settings) == {"depth", "exemplar", "both"}  # the paper's three settings
+        assert (params.preset == "tiny") == (name == "local")
+        assert name == "local" or params.inception_weights
+    if params_cls == "GLoDSweepParams":
+        from tasks.generation.sweep import load_sweep
+
+        sweep = load_sweep(ROOT / params.sweep)
+        assert sweep.rows and not any(r.reason for r in sweep.rows)

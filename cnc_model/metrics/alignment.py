@@ -161,3 +161,13 @@ def spec_alignment(aligner: CLIPAligner, images: Sequence[ImageInput], specs: Se
         out.append({"global": global_scores[gi:gi + ng], "local": local_scores[li:li + nl]})
         gi, li = gi + ng, li + nl
     return out
+
+
+def load_aligner(name_or_path: str, device: str | torch.device = "cpu", **kwargs: Any) -> CLIPAligner:
+    """``"tiny"`` (seeded tiny CLIP, plumbing only) or a CLIP model id / local folder."""
+    if name_or_path == "tiny":
+        from cnc_model.tiny import tiny_clip_model
+
+        model, tokenizer = tiny_clip_model()
+        return CLIPAligner(model.to(device), tokenizer, **kwargs)
+    return CLIPAligner.from_pretrained(name_or_path, device=device, **kwargs)

@@ -68,3 +68,41 @@ def test_build_triplets_deployment_survives_a_cancelled_run(prefect_stack, tmp_p
     assert manifest["counts"]["triplets"] + manifest["counts"]["rejects"] == n
     assert len(list(shards.glob("shard-*.tar"))) == n // 2
     assert {name: (shards / name).stat().st_mtime_ns for name in final_before} == final_before
+
+
+def test_generate_evaluate_and_sweep_deployments_complete(prefect_stack, tmp_path: Path):
+    """generate-batch/local, evaluate-cnc/local and glod-sweep/local through the worker, on small inputs."""
+    import yaml
+
+    from tests.evaluation.test_evaluation_job import _images, write_set
+    from tests.generation.test_sweep import SPEC_B
+
+    table = tmp_path / "jobs.jsonl"
+    table.write_text("\n".join(json.dumps({"id": f"r{i}", "prompt": f"prompt {i}", "seed": i, "steps": 1})
+                               for i in range(3)) + "\n" + '{"id": "bad", "prompt": "x", "seed": 1, "colour": 1}\n')
+    for name in ("generate-batch/local", "evaluate-cnc/local", "glod-sweep/local"):
+        prefect_stack.deploy(name)
+    out = tmp_path / "generated"
+    output = prefect_stack.run_deployment("generate-batch/local", {"params": {
+        "rows": str(table), "out": str(out), "model": "tiny", "shard_size": 2, "batch_size": 2}})
+    assert "Completed" in output, output + prefect_stack.log("worker.log")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["images"] == 3 and manifest["counts"]["rejects_by_reason"] == {"unknown_field": 1}
+
+    real = write_set(str(tmp_path / "real"), _images(0, 6, bright=False), 3)
+    settings = {"depth": str(out / "shards"), "exemplar": str(out / "shards"), "both": str(out / "shards")}
+    output = prefect_stack.run_deployment("evaluate-cnc/local", {"params": {
+        "real": real, "settings": settings, "out": str(tmp_path / "eval"), "preset": "tiny", "splits": 2}})
+    assert "Completed" in output, output + prefect_stack.log("worker.log")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["plumbing"] is True and metrics["settings"]["both"]["images"] == 3
+    assert metrics["settings"]["depth"]["fid"] == metrics["settings"]["both"]["fid"]  # the same set twice
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"model": "tiny", "steps": 1, "specs": {"cat": SPEC_B},
+                                     "grid": {"local_weight": [2.0, 6.0]}}))
+    output = prefect_stack.run_deployment("glod-sweep/local", {"params": {
+        "sweep": str(sweep), "out": str(tmp_path / "sweep"), "shard_size": 4}})
+    assert "Completed" in output, output + prefect_stack.log("worker.log")
+    assert json.loads((tmp_path / "sweep" / "manifest.json").read_text())["counts"]["images"] == 2
+    assert (tmp_path / "sweep" / "contact-cat.png").exists() and (tmp_path / "sweep" / "alignment.png").exists()

@@ -1,0 +1,1 @@
+"""Evaluation: per-shard mergeable statistics (FID, Inception Score, CLIPScore) and their reduction."""
