@@ -8,9 +8,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 
 def publish_counts(key: str, title: str, counts: dict[str, Any], rejects_by_reason: dict[str, int],
-                   seconds: float) -> None:
-    """A markdown summary (counts, throughput) and a table of reject reasons."""
-    inputs = counts.get("inputs", 0)
+                   seconds: float, inputs: int | None = None) -> None:
+    """A markdown summary (counts, throughput) and a table of reject reasons. ``inputs`` is what the
+    throughput counts (default ``counts["inputs"]``; build-triplets counts its sources)."""
+    inputs = counts.get("inputs", 0) if inputs is None else inputs
     rate = inputs / seconds if seconds else 0.0
     lines = [f"# {title}", "", "| what | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in counts.items()]
