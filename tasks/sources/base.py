@@ -34,6 +34,17 @@ class SourceItem:
     error: str | None = None
 
 
+def read_failure(ref: str, exc: BaseException, reason: str) -> SourceItem:
+    """A per-file read error as this item's reject, with the exception as its detail. A
+    transient error (network, throttling, a 5xx) is raised instead: it fails the shard, which
+    the runner retries, rather than becoming a permanent reject that re-runs would skip."""
+    from tasks.shard_job import describe, is_transient
+
+    if is_transient(exc):
+        raise exc
+    return SourceItem(ref, error=reason, meta={"detail": describe(exc)})
+
+
 class Source(ABC):
     """A reader for one source format, addressed by an fsspec URL."""
 
