@@ -54,7 +54,10 @@ def test_every_source_is_a_triplet_or_a_reject(triplets):
     assert manifest["counts"]["sources"] == n
     rejects = pq.read_table(out / "rejects.parquet").to_pylist()
     assert len(rejects) == result.num_rejects
-    assert {r["source_id"] for r in rejects if r["source_id"] == "all-black.png"} == {"all-black.png"}
+    reasons = {r["source_id"]: r["reason"] for r in rejects}
+    assert len(reasons) == len(rejects)  # one record per rejected source
+    assert reasons.get("all-black.png") == "blank_image"
+    assert all(reasons.values()), reasons  # every reject says why
     keys = [s["__key__"] for u in result.shard_urls for s in iter_tar_samples(u)]
     assert len(keys) == len(set(keys)) == result.num_triplets
     assert list((out / "_staging").rglob("*.tar")) == []  # every staged part was assembled and removed
