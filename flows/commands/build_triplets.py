@@ -27,13 +27,18 @@ def build_triplets(
     from tasks.ingest import OutputConflict, run_ingest
     from tasks.sources import SOURCE_FORMATS
     from tasks.sources.base import SourceError
-    from tasks.triplets.job import StageOptions, TripletsInputError, run_triplets
+    from tasks.triplets.job import StageOptions, TripletsConfig, TripletsInputError, _plan_ray_pools, run_triplets
 
     if source_format not in SOURCE_FORMATS:
         fail(f"unknown --source-format {source_format!r}; choose one of {', '.join(SOURCE_FORMATS)}")
     if preset not in ("tiny", "sd15"):
         fail(f"unknown --preset {preset!r}; choose tiny or sd15")
     stages = {"inpaint": StageOptions(num_gpus=gpus_per_inpaint_actor, cfg={"num_inference_steps": inpaint_steps})}
+    try:  # the triplet side's arguments are checked before ingest runs (and writes anything)
+        _plan_ray_pools(TripletsConfig(storage.join(out, "ingest"), storage.join(out, "triplets"), preset, clip,
+                                       latents, stages))
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
     try:
         ingest = run_ingest(source_format, source, storage.join(out, "ingest"), size=size, shard_size=shard_size,
                             limit=limit, resume=resume, progress=True)
