@@ -38,12 +38,17 @@ def test_mask_file_regions_and_the_local_step_range(tmp_path: Path) -> None:
     mask[8:40, 40:64] = 255  # top right, on the 8-px latent grid
     PIL.Image.fromarray(mask).save(tmp_path / "woman.png")
     (tmp_path / "spec.yaml").write_text(
-        "width: 64\nheight: 64\nlocal_steps: [0.2, 0.6]\nglobal_prompts:\n  - text: a man is talking with a woman\n"
+        "width: 64\nheight: 64\nfeather: 16\nlocal_steps: [0.2, 0.6]\nglobal_prompts:\n  - text: a man is talking with a woman\n"
         "local_prompts:\n  - {text: a woman with red hair, object: woman, mask: woman.png, weight: 3.0}\n")
     spec = load_spec(tmp_path / "spec.yaml")
+    # feather 16 px = 2 latent cells: 0.5 on the cells along the region's inner sides, none along the border
     want = torch.zeros(1, 1, 8, 8)
-    want[..., 1:5, 5:] = 1
+    want[..., 1:5, 5:] = 0.5
+    want[..., 2:4, 6:] = 1
     assert torch.equal(spec_regions(spec, (8, 8)), want)
+    hard = torch.zeros(1, 1, 8, 8)
+    hard[..., 1:5, 5:] = 1
+    assert torch.equal(spec_regions(spec, (8, 8), feather=False), hard)
     comp = composition_from_spec(spec, (8, 8))
     assert comp.local_step_range == (0.2, 0.6) and comp.local_weights == [3.0]
 
