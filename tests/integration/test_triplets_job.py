@@ -145,6 +145,25 @@ def test_triplet_shards_read_back_with_webdataset_wids_and_ray_data(triplets):
     assert {r["__key__"] for r in rows} == keys and len(rows) == n
 
 
+def test_contact_sheet_shows_the_first_triplets_column_by_column(triplets):
+    from tasks.triplets.preview import COLUMNS
+
+    out, result = triplets
+    assert result.preview_url and Path(result.preview_url) == out / "preview.png"
+    sheet = Image.open(out / "preview.png").convert("RGB")
+    rows = min(4, result.num_triplets)
+    assert sheet.size == (128 * len(COLUMNS), 16 + 128 * rows)
+    first = next(s for u in result.shard_urls for s in iter_tar_samples(u))
+    for c, name in enumerate(COLUMNS):  # row 0 holds the first triplet's files, in the column order
+        tile = np.asarray(sheet.crop((c * 128, 16, (c + 1) * 128, 16 + 128)), dtype=float)
+        img = Image.open(io.BytesIO(first[name]))
+        if img.mode.startswith("I"):
+            arr = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
+        want = np.asarray(img.convert("RGB").resize((128, 128), Image.Resampling.BILINEAR), dtype=float)
+        assert np.abs(tile - want).mean() < 1, name
+
+
 def test_coco_stuff_masks_and_bad_inputs_travel_through_the_whole_chain(tmp_path):
     """COCO-Stuff things masks are the triplet masks; an empty mask, a full-frame object and an
     all-black image end as rejects with their reasons; counts add up from sources to triplets."""
