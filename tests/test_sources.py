@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 
@@ -398,8 +399,9 @@ def test_pickapic_validation_errors(memory_url):
         get_source("pickapic", memory_url).validate()
     import pyarrow as pa
 
-    pq.write_table(pa.table({"caption": ["x"]}), "/tmp/_cols.parquet")
-    storage.write_bytes(f"{memory_url}/bad.parquet", open("/tmp/_cols.parquet", "rb").read())
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"caption": ["x"]}), buf)
+    storage.write_bytes(f"{memory_url}/bad.parquet", buf.getvalue())
     with pytest.raises(SourceError, match="lacks column"):
         get_source("pickapic", memory_url).validate()
 

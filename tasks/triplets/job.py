@@ -274,6 +274,29 @@ def _plan_ray_pools(cfg: TripletsConfig, batches: int | None = None, warn: bool 
     return plans
 
 
+def check_pool_plan(cfg: TripletsConfig) -> None:
+    """Raise :class:`tasks.triplets.resources.ResourceError` when the stage pools cannot fit the
+    local Ray this machine would start, without starting it (so a command can refuse before any
+    work). A joined cluster (``RAY_ADDRESS``) may grow: nothing is checked there."""
+    import os
+
+    import ray
+
+    from tasks.ray_runtime import joined_cluster
+
+    if joined_cluster():
+        return
+    if ray.is_initialized():
+        resources = ray.cluster_resources()
+        cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    else:
+        import torch
+
+        cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
+    names = [g[-1] for g in pools.pool_groups(cfg.stage_names(), _model_free())]
+    pools.check_fits(pools.plan_pools(names, cfg.stages, cpus, gpus), cpus, gpus)
+
+
 def _model_free() -> set[str]:
     from tasks.triplets.stages import STAGE_CLASSES
 
