@@ -77,6 +77,7 @@ class RetrainParams(BaseModel):
     gpus_per_actor: float = Field(0.0, ge=0)
     device: Optional[str] = None
     eval_batch_size: int = Field(16, ge=1)
+    eval_executor: Literal["ray", "local"] = Field("ray", description="evaluation: actor pool or this process")
 
     @model_validator(mode="after")
     def _check(self) -> RetrainParams:
@@ -150,7 +151,8 @@ def score_model(params: RetrainParams, eval_set: Any, protocol: dict[str, Any], 
                                           inception_weights=params.inception_weights, clip=params.clip,
                                           actors=params.actors, gpus_per_actor=params.gpus_per_actor,
                                           device=params.device or "cpu", batch_size=params.eval_batch_size,
-                                          splits=params.splits, condition_root=protocol["condition_root"]))
+                                          splits=params.splits, condition_root=protocol["condition_root"],
+                                          executor=params.eval_executor))
     eval_set.keep_reference(out)
     scores = flatten_metrics(metrics)
     eval_set.store_scores(key, scores)

@@ -57,13 +57,14 @@ def params(loop, **over):
     base = dict(data=str(loop["root"] / "build"), registry=loop["registry"], work=str(loop["root"] / "work"),
                 eval_triplets=str(loop["held_out"]), init="tiny", executor="local", epochs=1, batch_size=8,
                 lr=1e-3, val_fraction=0.0, eval_settings=["both"], eval_steps=2, preset="tiny", splits=2,
-                generate_executor="local", metric="both.fid")
+                generate_executor="local", eval_executor="local", metric="both.fid")
     return RetrainParams(**{**base, **over})
 
 
 @pytest.fixture(autouse=True)
 def _prefect(monkeypatch):
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a loaded machine
 
 
 def test_1_no_champion_the_first_candidate_is_promoted(loop):
