@@ -16,80 +16,14 @@ skipped), the generated shards and statistics, the scores and the registered ver
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel, Field, model_validator
 
+from flows.retrain_params import RetrainParams
 from tasks import storage
 from tasks.redact import redact_text, redact_url
-from tasks.training.config import CheckpointConfig, DataConfig, OptimConfig, ScalingSpec, TrainConfig
-
-_T, _D, _O, _C, _S = TrainConfig(), DataConfig(), OptimConfig(), CheckpointConfig(), ScalingSpec()
-TRAINING_FIELDS = ("stage", "epochs", "max_steps", "batch_size", "lr", "val_fraction", "mixed_precision", "seed",
-                   "checkpoint_every")
-"""The parameters that change a candidate's weights: part of its identity (its folder's name)."""
-
-
-class RetrainParams(BaseModel):
-    """New triplets -> a candidate fine-tuned from the champion -> promoted only when better."""
-
-    data: str = Field(..., description="triplet data: a build-triplets --out or its triplets/ folder (URL)")
-    registry: str = Field(..., description="model registry URL (docs/registry.md)")
-    work: str = Field(..., description="URL for candidates and frozen evaluation sets")
-    eval_triplets: str = Field(..., description="held-out triplet set (never trained on): the frozen evaluation rows")
-    stage: Literal["full", "all"] = Field("full", description="fine-tune the full stage, or all three in order")
-    init: str = Field(_T.init, description="start model when the registry has no champion (tiny, sd15, a folder)")
-    force: bool = Field(False, description="retrain even when the data is what the champion saw")
-    metric: str = Field("both.fid", description="<setting>.<metric> that decides, e.g. both.fid, depth.clip_score")
-    margin: float = Field(0.0, ge=0, description="the candidate must beat the champion by more than this")
-    relative: bool = Field(False, description="margin as a fraction of the champion's value")
-    higher_is_better: Optional[bool] = Field(None, description="direction of metric (default: from its name)")
-    # training (train-cnc's parameters)
-    epochs: Optional[int] = Field(1, ge=1, description="epochs per stage (None: the paper's 28 / 24 / 9)")
-    max_steps: Optional[int] = Field(None, ge=1)
-    batch_size: int = Field(_T.batch_size, ge=1)
-    lr: float = Field(_O.lr, gt=0)
-    val_fraction: float = Field(_D.val_fraction, ge=0, lt=1)
-    checkpoint_every: int = Field(_C.every_n_steps, ge=1)
-    mixed_precision: Literal["auto", "bf16", "no"] = Field(_T.mixed_precision)
-    seed: int = _T.seed
-    workers: int = Field(_S.workers, ge=1)
-    gpus_per_worker: float = Field(_S.gpus_per_worker, ge=0)
-    cpus_per_worker: float = Field(_S.cpus_per_worker, gt=0)
-    decode_cpus: float = Field(_D.decode_cpus, gt=0)
-    executor: Literal["ray", "local"] = Field(_S.executor, description="training: Ray Train or this process")
-    # the frozen evaluation set
-    eval_settings: list[Literal["depth", "exemplar", "both"]] = Field(["depth", "exemplar", "both"])
-    eval_rows: Optional[int] = Field(None, ge=2, description="first N held-out triplets (default: all)")
-    eval_steps: int = Field(50, ge=1, description="sampler steps of the generated images")
-    eval_guidance: float = Field(7.0, ge=0)
-    eval_seed: int = 0
-    preset: Literal["tiny", "sd15"] = Field("sd15", description="feature nets; tiny measures plumbing only")
-    inception_weights: Optional[str] = Field(None, description="FID Inception weights (required unless tiny)")
-    clip: Optional[str] = None
-    splits: int = Field(10, ge=1)
-    # generation and evaluation resources
-    generate_executor: Literal["ray", "local"] = "ray"
-    generate_batch_size: int = Field(4, ge=1)
-    actors: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(0.0, ge=0)
-    device: Optional[str] = None
-    eval_batch_size: int = Field(16, ge=1)
-    eval_executor: Literal["ray", "local"] = Field("ray", description="evaluation: actor pool or this process")
-
-    @model_validator(mode="after")
-    def _check(self) -> RetrainParams:
-        from tasks.retraining.eval_set import check_metric
-
-        check_metric(self.metric, tuple(self.eval_settings))
-        if self.preset != "tiny" and not self.inception_weights:
-            raise ValueError(f"inception_weights is required with preset {self.preset}")
-        return self
-
-    def training(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in TRAINING_FIELDS}
 
 
 @task(name="compare-data")
@@ -221,7 +155,9 @@ def retrain_cnc(params: RetrainParams) -> dict[str, Any]:
         mixed_precision=params.mixed_precision, decode_cpus=params.decode_cpus, seed=params.seed))
     final = stages[-1]
     candidate_scores = score_model(params, eval_set, protocol, final["model_url"], f"candidate-{cand}")
-    champion_scores = score_model(params, eval_set, protocol, champion.pipeline_url, champ_version) if champion else None
+    champion_scores = None
+    if champion is not None:
+        champion_scores = score_model(params, eval_set, protocol, champion.pipeline_url, champ_version)
     decision = decide_promotion(candidate_scores, champion_scores, params.metric, params.margin,
                                 relative=params.relative, higher_is_better=params.higher_is_better)
     note = (f"retrain-cnc: {params.stage} from {champ_version or params.init} on data {state.hash[:12]} "
@@ -250,10 +186,11 @@ def publish(summary: dict[str, Any], table: list[dict[str, Any]], params: Retrai
                       "delta": None, "better": None}]
     create_table_artifact(key="retrain-cnc-comparison", table=rows,
                           description=redact_text(f"{summary['action']}: {summary['reason']}"))
+    relative = ", relative" if params.relative else ""
     lines = [f"# retrain-cnc: {summary['action']}", "", redact_text(summary["reason"]), "",
              "| what | value |", "| --- | --- |",
              f"| champion now | {summary['champion']} |", f"| candidate | {summary['candidate']} |",
-             f"| decision metric | {params.metric} (margin {params.margin:g}{', relative' if params.relative else ''}) |",
+             f"| decision metric | {params.metric} (margin {params.margin:g}{relative}) |",
              f"| new shards | {len(summary['new_shards'])} |", f"| registry | {redact_url(params.registry)} |"]
     create_markdown_artifact(key="retrain-cnc-decision", markdown="\n".join(lines),
                              description=redact_text(summary["reason"]))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.retrain_flow import RetrainParams
+from flows.retrain_params import RetrainParams
 
 ROOT = Path(__file__).resolve().parents[2]
 

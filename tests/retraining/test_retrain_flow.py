@@ -52,7 +52,7 @@ def loop(tmp_path_factory):
 
 
 def params(loop, **over):
-    from flows.retrain_flow import RetrainParams
+    from flows.retrain_params import RetrainParams
 
     base = dict(data=str(loop["root"] / "build"), registry=loop["registry"], work=str(loop["root"] / "work"),
                 eval_triplets=str(loop["held_out"]), init="tiny", executor="local", epochs=1, batch_size=8,
@@ -90,6 +90,18 @@ def test_2_the_same_data_again_is_up_to_date(loop):
     assert result["action"] == "up-to-date" and not result["promoted"]
     assert "nothing new" in result["reason"]
     assert [v.version for v in Registry(loop["registry"]).versions()] == [before]
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    p = params(loop)
+    args = ["retrain", "--data", p.data, "--registry", p.registry, "--work", p.work, "--eval-triplets",
+            p.eval_triplets, "--init", "tiny", "--preset", "tiny", "--set", 'eval_settings=["both"]']
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "up-to-date" in result.output and f"champion: {before}" in result.output
+    bad = CliRunner().invoke(app, [*args, "--metric", "exemplar.fid"])
+    assert bad.exit_code == 2 and "must be <setting>.<name>" in bad.output
 
 
 def test_3_a_candidate_short_of_the_margin_is_kept_out(loop):
