@@ -160,7 +160,7 @@ def retrain_cnc(params: RetrainParams) -> dict[str, Any]:
         champion_scores = score_model(params, eval_set, protocol, champion.pipeline_url, champ_version)
     decision = decide_promotion(candidate_scores, champion_scores, params.metric, params.margin,
                                 relative=params.relative, higher_is_better=params.higher_is_better)
-    note = (f"retrain-cnc: {params.stage} from {champ_version or params.init} on data {state.hash[:12]} "
+    note = (f"retrain-cnc: {params.stage} from {champ_version or redact_url(params.init)} on data {state.hash[:12]} "
             f"({len(state.new_shards)} new shards), eval set {eval_set.id}")
     version = register_candidate(params, final, state.url, candidate_scores, eval_set.id, note)
     eval_set.store_scores(version.version, candidate_scores)  # the next run finds this champion-to-be scored
