@@ -78,6 +78,7 @@ def _register_commands() -> None:
     from flows.commands.generate_batch import generate_batch
     from flows.commands.glod import glod
     from flows.commands.models import app as models_app
+    from flows.commands.retrain import retrain
     from flows.commands.train import train
     from flows.commands.glod_sweep import glod_sweep
 
@@ -88,6 +89,7 @@ def _register_commands() -> None:
     app.command("glod-sweep")(glod_sweep)
     app.command("glod")(glod)
     app.add_typer(models_app, name="models")
+    app.command("retrain")(retrain)
     app.command("train")(train)
 
 

@@ -25,7 +25,7 @@ def evaluation_config(params: EvaluateParams) -> Any:
     else:
         feature_net, clip = params.inception_weights, params.clip or preset.clip_image
     return EvaluationConfig(real=params.real, settings=params.settings, out=params.out, feature_net=feature_net,
-                            clip=clip, splits=params.splits, batch_size=params.batch_size, executor="ray",
+                            clip=clip, splits=params.splits, batch_size=params.batch_size, executor=params.executor,
                             actors=params.actors, gpus_per_actor=params.gpus_per_actor, device=params.device,
                             condition_root=params.condition_root,
                             depth=(params.depth or preset.depth) if params.condition_root else None)

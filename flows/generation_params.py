@@ -26,6 +26,7 @@ class EvaluateParams(BaseModel):
     condition_root: Optional[str] = Field(None, description="the generation's condition root: also measure "
                                           "condition fidelity (depth error, exemplar similarity)")
     depth: Optional[str] = Field(None, description="depth model for condition fidelity (default: the preset's)")
+    executor: Literal["ray", "local"] = Field("ray", description="ray (actor pool) or local (this process)")
 
 
 class GenerateBatchParams(BaseModel):
