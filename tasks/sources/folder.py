@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 from tasks import storage
+from tasks.shard_job import describe, is_transient
 from tasks.sources.base import Source, SourceError, SourceItem
 from tasks.sources.captions import caption_meta, clean_caption
 
@@ -164,8 +165,9 @@ class FolderSource(Source):
             return SourceItem(ref, error="missing_file")
         if isinstance(image, Refused):
             return SourceItem(ref, error=image.reason)
-        if isinstance(image, Exception):
-            return SourceItem(ref, error=f"read_error: {type(image).__name__}")
+        if isinstance(image, Exception):  # a transient cause (timeout, reset, 5xx) is retried by --extend/--resume
+            return SourceItem(ref, error=f"read_error: {type(image).__name__}",
+                              meta={"detail": describe(image), "retryable": is_transient(image)})
         if isinstance(caption, FileNotFoundError) or caption is None:
             caption = None
         elif isinstance(caption, Refused):

@@ -175,11 +175,11 @@ class TripletsJob(ShardJob):
         return self.cfg.identity()
 
     def plan(self) -> list[Shard]:
+        """One shard per ingest shard; a grown ingest (``--extend``) adds shards after the existing ones."""
         ingest_shards = storage.join(self.cfg.ingest_url, "shards")
         out = []
         for i in range(len(self.ingest_manifest["shards"])):
-            rows = read_index(shard_urls(ingest_shards, i)[1]).select(["key", "source_id", "status", "reason"])
-            out.append(self.shard(i, rows.to_pylist(), rows.num_rows))
+            out.append(self.shard(i, *_ingest_inputs(shard_urls(ingest_shards, i)[1])))
         return out
 
     def run_pending(self, pending: list[Shard], opts: RunOptions, done: Callable, failed: Callable) -> None:
@@ -196,17 +196,30 @@ class TripletsJob(ShardJob):
         return finalize(self.cfg, self.ingest_manifest, report, dict(self.stage_seconds))
 
 
+def _ingest_inputs(index_url: str) -> tuple[list[dict[str, Any]], int]:
+    """A triplet shard's inputs: its ingest shard's rows (key, source_id, status, reason, and
+    ``retryable`` only where true, so shards planned before that flag existed keep their hash)."""
+    table = read_index(index_url)
+    rows = table.select(["key", "source_id", "status", "reason"]).to_pylist()
+    if "retryable" in table.column_names:
+        for row, flag in zip(rows, table.column("retryable").to_pylist()):
+            if flag:
+                row["retryable"] = True
+    return rows, len(rows)
+
+
 # ------------------------------------------------------------------------------------- driver
 
 
 def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: bool = False,
                  latents: bool = False, stages: dict[str, StageOptions] | None = None, resume: bool = False,
-                 progress: bool = False, executor: str = "ray",
+                 extend: bool = False, progress: bool = False, executor: str = "ray",
                  on_shard: Callable[[int], None] | None = None,
                  run_options: RunOptions | None = None) -> TripletsResult:
     """Turn a finished ingest output into triplet shards. Idempotent and resumable per sample.
 
-    ``run_options`` sets the runner's retries, lease and reject share (:class:`tasks.shard_job.RunOptions`)."""
+    ``extend``: the ingest output has grown (``ingest --extend``); its new shards become new triplet
+    shards after the existing ones, which are kept as they are. ``run_options`` sets the runner's retries, lease and reject share (:class:`tasks.shard_job.RunOptions`)."""
     t0 = time.perf_counter()
     cfg = TripletsConfig(ingest_url.rstrip("/"), out_url.rstrip("/"), preset, clip, latents, dict(stages or {}))
     ingest_manifest = _validate(cfg, executor)
@@ -214,7 +227,7 @@ def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: b
     executor, _why = choose_executor(executor, job)
     if executor == "ray":
         _plan_ray_pools(cfg, warn=True)  # a request that cannot fit fails here, before the output is claimed
-    opts = replace(run_options or RunOptions(), executor=executor, resume=resume, progress=progress,
+    opts = replace(run_options or RunOptions(), executor=executor, resume=resume, extend=extend, progress=progress,
                    on_shard=(lambda row: on_shard(row["shard"])) if on_shard else None)
     result = run_shard_job(job, opts)
     result.seconds = time.perf_counter() - t0
@@ -417,7 +430,8 @@ def finalize(cfg: TripletsConfig, ingest_manifest: dict, report: RunReport, stag
     rejects.parquet. Staging is removed once every shard is assembled."""
     from tasks.triplets.preview import write_contact_sheet
 
-    shards = [{"tar": f"shards/{shard_name(i)}.tar", "triplets": ok, "rejects": rej}
+    shards = [{"tar": f"shards/{shard_name(i)}.tar", "triplets": ok, "rejects": rej,
+               "duplicates": report.shard_duplicates.get(i, 0)}
               for i, ok, rej in report.shard_counts]
     reasons = report.reasons
     urls = [s.tar_url for s in report.committed]
@@ -425,7 +439,7 @@ def finalize(cfg: TripletsConfig, ingest_manifest: dict, report: RunReport, stag
     report.write_manifest({
         "kind": "cnc-triplets",
         "counts": {"sources": report.inputs, "triplets": report.samples, "rejects": len(report.rejects),
-                   "rejects_by_reason": dict(sorted(reasons.items()))},
+                   "duplicates": report.duplicates, "rejects_by_reason": dict(sorted(reasons.items()))},
         "ingest": {"url": cfg.ingest_url, "counts": ingest_manifest["counts"], "config": ingest_manifest["config"]},
         "config": cfg.identity(),
         "models": _preset_ids(cfg),
