@@ -142,3 +142,51 @@ def test_build_triplets_extend_processes_only_the_new_ingest_shards(memory_url):
     assert counts["triplets"] + counts["rejects"] + counts["duplicates"] == counts["sources"]
     assert rows_of(out, 2)[-1] == {"source_id": "zz_coffee_again.png", "status": "duplicate",
                                    "reason": "ingest:duplicate_content"}
+
+
+def test_the_committed_event_names_the_redacted_output_and_the_manifest(monkeypatch):
+    import prefect.events
+    from prefect.events import Event
+
+    from flows.triplets_flow import COMMITTED_EVENT, emit_committed
+
+    sent: list[Event] = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **kw: sent.append(Event(**kw)))
+    result = {"out_url": "s3://bucket/out/triplets", "manifest_sha256": "ab" * 32, "shards_written": 2,
+              "shard_urls": ["a", "b", "c"], "num_sources": 5, "num_triplets": 3, "num_rejects": 1}
+    emit_committed(result)
+    emit_committed({**result, "out_url": "s3://user:secret@bucket/out/triplets?X-Amz-Signature=abc"})
+    plain, with_secret = sent
+    assert plain.event == COMMITTED_EVENT == "cnc.triplets.committed"
+    assert plain.resource.id == "cnc.triplets.s3://bucket/out/triplets"
+    assert plain.payload == {"out": "s3://bucket/out/triplets", "manifest_sha256": "ab" * 32, "shards_written": 2,
+                             "shards": 3, "sources": 5, "triplets": 3, "rejects": 1}
+    text = with_secret.model_dump_json()
+    assert "secret" not in text and "Signature" not in text and "user" not in text
+
+
+def test_the_cli_and_the_cluster_job_pass_extend(tmp_path):
+    import json
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.params import BuildTripletsParams
+    from flows.triplets_flow import cluster_job_spec
+
+    src, out = tmp_path / "photos", tmp_path / "ingest"
+    write_sample_folder(str(src), ["coffee.png"])
+    args = ["ingest", "--source-format", "folder", "--source", str(src), "--out", str(out), "--size", "16",
+            "--executor", "local"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    write_sample_folder(str(src), ["rocket.jpg"])
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "--extend" in refused.output
+    grown = CliRunner().invoke(app, [*args, "--extend"])
+    assert grown.exit_code == 0, grown.output
+    assert "2 inputs -> 2 samples" in grown.output and "1 listed inputs were already there" in grown.output
+
+    spec = cluster_job_spec(BuildTripletsParams(source="s3://b/src", out="s3://b/out", extend=True), "run-1")
+    body = json.loads(shlex.split(spec.entrypoint)[3])
+    assert body["ingest"]["extend"] is True and body["triplets"]["extend"] is True

@@ -14,6 +14,7 @@ is staged. Every source ends as a triplet or a reject: ingest rejects are carrie
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import time
@@ -64,6 +65,7 @@ class TripletsResult:
     preview_url: str | None = None
     shards_written: int = 0
     seconds: float = 0.0
+    manifest_sha256: str = ""  # of the manifest.json this run wrote (names the data a model was trained on)
 
     def summary(self) -> str:
         return (f"{self.num_sources} sources -> {self.num_triplets} triplets + {self.num_rejects} rejects in "
@@ -449,5 +451,7 @@ def finalize(cfg: TripletsConfig, ingest_manifest: dict, report: RunReport, stag
     })
     if not report.failed:
         _remove_staging(cfg.out_url)
+    digest = hashlib.sha256(storage.read_bytes(storage.join(cfg.out_url, "manifest.json"))).hexdigest()
     return TripletsResult(cfg.out_url, report.inputs, report.samples, len(report.rejects), reasons, urls,
-                          dict(defaultdict(float, stage_seconds)), preview, shards_written=len(report.written))
+                          dict(defaultdict(float, stage_seconds)), preview, shards_written=len(report.written),
+                          manifest_sha256=digest)
