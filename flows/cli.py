@@ -54,7 +54,8 @@ def ingest(
     options = run_options(executor, max_attempts, shard_timeout, max_reject_share)
     try:
         result = run_ingest(source_format, source, out, size=size, shard_size=shard_size, resume=resume,
-                            extend=extend, limit=limit, quality=quality, progress=True, executor=executor, run_options=options)
+                            extend=extend, limit=limit, quality=quality, progress=True, executor=executor,
+                            run_options=options)
     except (SourceError, OutputConflict, OutputBusy, ShardJobFailed, OSError, ValueError) as exc:
         fail_with(exc)
     typer.echo(result.summary())

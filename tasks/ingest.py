@@ -10,8 +10,9 @@ a re-run skips every committed shard. Finish: gather the shard indexes into ``re
 Growing (``extend=True``, :mod:`tasks.extend`): on a finished output a new segment of shards is
 planned after the existing ones from the refs whose source id the output does not hold yet, plus
 the retryable (transient) rejects, which are tried again; a new input whose bytes equal a sample's
-of an earlier segment is a ``duplicate`` row (``duplicate_content``). Earlier shards are never rewritten. ``resume=True`` on a finished output
-with retryable rejects opens a segment that retries only them.
+of an earlier segment is a ``duplicate`` row (``duplicate_content``). Earlier shards are never
+rewritten. ``resume=True`` on a finished output with retryable rejects opens a segment that
+retries only them.
 """
 
 from __future__ import annotations
@@ -244,6 +245,7 @@ class IngestJob(ShardJob):
     cfg: IngestConfig
     kind: str = "ingest"
     unit: str = "img"
+    extendable: bool = True
     known_content: np.ndarray | None = None  # set by plan: the earlier segments' sample hash prefixes
     present: int = 0  # set by plan: listed refs already in the output
     segments: list[dict[str, Any]] = field(default_factory=list)

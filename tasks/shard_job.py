@@ -24,7 +24,7 @@ What :func:`run_shard_job` guarantees, in order:
    unfinished output needs ``resume=True`` (and is refused with ``extend=True``: finish it first);
 3. the plan; committed shards (their index exists) are skipped after checking that their stored
    input hash matches the plan (a changed source is refused, never silently mixed). New shards
-   in a finished output are refused unless ``extend`` (or ``resume``) is set;
+   in a finished output of an ``extendable`` job are refused unless ``extend`` (or ``resume``) is set;
 4. pending shards run on the chosen executor (:func:`choose_executor`: ``ray`` plain Ray tasks,
    ``processes`` a pool of worker processes on this machine, ``local`` in order in this process;
    all write the same bytes), at most ``max_attempts`` times each, each attempt within
@@ -174,6 +174,7 @@ class ShardJob:
     out_url: str = ""
     unit: str = "item"
     executors: tuple[str, ...] = ("ray", "processes", "local")  # what the job can run on
+    extendable: bool = False  # takes new inputs with ``extend``; a finished output refuses them otherwise
 
     def in_process_only(self) -> bool:
         """Whether the job reads or writes ``memory://`` (visible in this process only)."""
@@ -352,7 +353,7 @@ def run_shard_job(job: ShardJob, opts: RunOptions | None = None) -> Any:
         job.begin(opts, finished)
         shards = job.plan()
         pending = [s for s in shards if not _committed(s)]
-        if finished and pending and not (opts.extend or opts.resume):
+        if job.extendable and finished and pending and not (opts.extend or opts.resume):
             raise OutputConflict(f"{job.out_url} holds a finished run and its input has {len(pending)} new "
                                  f"shard(s); pass --extend to append them")
         executor, why = choose_executor(opts.executor, job, len(pending))

@@ -133,7 +133,7 @@ def test_build_triplets_extend_processes_only_the_new_ingest_shards(memory_url):
         triplets()
     seen: list[int] = []
     result = triplets(extend=True, on_shard=seen.append)
-    assert seen == [1, 2] and result.shards_written == 2
+    assert seen == [1, 2] and result.shards_written == 2 and result.num_duplicates == 1
     after = shard_files(out)
     assert {k: after[k] for k in before} == before
     assert sorted(after) == [f"shard-{i:06d}.{e}" for i in range(3) for e in ("parquet", "tar")]

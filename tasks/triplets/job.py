@@ -66,9 +66,11 @@ class TripletsResult:
     shards_written: int = 0
     seconds: float = 0.0
     manifest_sha256: str = ""  # of the manifest.json this run wrote (names the data a model was trained on)
+    num_duplicates: int = 0  # ingest duplicates carried over (--extend: bytes already in the output)
 
     def summary(self) -> str:
-        return (f"{self.num_sources} sources -> {self.num_triplets} triplets + {self.num_rejects} rejects in "
+        dup = f" + {self.num_duplicates} duplicates" if self.num_duplicates else ""
+        return (f"{self.num_sources} sources -> {self.num_triplets} triplets + {self.num_rejects} rejects{dup} in "
                 f"{len(self.shard_urls)} shards at {self.out_url}")
 
 
@@ -163,6 +165,7 @@ class TripletsJob(ShardJob):
     ingest_manifest: dict[str, Any]
     kind: str = "build-triplets"
     unit: str = "img"
+    extendable: bool = True
     executors: tuple[str, ...] = ("ray", "local")
     stage_seconds: Counter = field(default_factory=Counter)
 
@@ -221,7 +224,8 @@ def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: b
     """Turn a finished ingest output into triplet shards. Idempotent and resumable per sample.
 
     ``extend``: the ingest output has grown (``ingest --extend``); its new shards become new triplet
-    shards after the existing ones, which are kept as they are. ``run_options`` sets the runner's retries, lease and reject share (:class:`tasks.shard_job.RunOptions`)."""
+    shards after the existing ones, which are kept as they are. ``run_options`` sets the runner's
+    retries, lease and reject share (:class:`tasks.shard_job.RunOptions`)."""
     t0 = time.perf_counter()
     cfg = TripletsConfig(ingest_url.rstrip("/"), out_url.rstrip("/"), preset, clip, latents, dict(stages or {}))
     ingest_manifest = _validate(cfg, executor)
@@ -454,4 +458,4 @@ def finalize(cfg: TripletsConfig, ingest_manifest: dict, report: RunReport, stag
     digest = hashlib.sha256(storage.read_bytes(storage.join(cfg.out_url, "manifest.json"))).hexdigest()
     return TripletsResult(cfg.out_url, report.inputs, report.samples, len(report.rejects), reasons, urls,
                           dict(defaultdict(float, stage_seconds)), preview, shards_written=len(report.written),
-                          manifest_sha256=digest)
+                          manifest_sha256=digest, num_duplicates=report.duplicates)
