@@ -181,11 +181,16 @@ def test_the_cli_and_the_cluster_job_pass_extend(tmp_path):
             "--executor", "local"]
     assert CliRunner().invoke(app, args).exit_code == 0
     write_sample_folder(str(src), ["rocket.jpg"])
+    (src / "same_coffee.png").write_bytes(sample_photo_bytes("coffee.png"))
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 2 and "--extend" in refused.output
-    grown = CliRunner().invoke(app, [*args, "--extend"])
+    # worker processes see the known content hashes too (they travel with the job)
+    grown = CliRunner().invoke(app, [*args, "--extend", "--executor", "processes", "--shard-size", "1"])
+    assert grown.exit_code == 2 and "different config" in grown.output  # shard size is part of the config
+    grown = CliRunner().invoke(app, [*args[:-1], "processes", "--extend"])
     assert grown.exit_code == 0, grown.output
-    assert "2 inputs -> 2 samples" in grown.output and "1 listed inputs were already there" in grown.output
+    assert "3 inputs -> 2 samples + 0 rejects + 1 duplicates" in grown.output
+    assert "1 listed inputs were already there" in grown.output
 
     spec = cluster_job_spec(BuildTripletsParams(source="s3://b/src", out="s3://b/out", extend=True), "run-1")
     body = json.loads(shlex.split(spec.entrypoint)[3])
