@@ -184,7 +184,10 @@ class TripletsJob(ShardJob):
         ingest_shards = storage.join(self.cfg.ingest_url, "shards")
         out = []
         for i in range(len(self.ingest_manifest["shards"])):
-            out.append(self.shard(i, *_ingest_inputs(shard_urls(ingest_shards, i)[1])))
+            shard = self.shard(i, *_ingest_inputs(shard_urls(ingest_shards, i)[1]))
+            if storage.exists(shard.index_url):  # committed: only its input hash is checked, its rows not held
+                shard = replace(shard, inputs=None)
+            out.append(shard)
         return out
 
     def run_pending(self, pending: list[Shard], opts: RunOptions, done: Callable, failed: Callable) -> None:
