@@ -34,6 +34,16 @@ class SourceItem:
     error: str | None = None
 
 
+def read_error(ref: str, exc: BaseException, reason: str = "read_error") -> SourceItem:
+    """The reject of an input whose read failed: ``<reason>: <type>``, the detail, and ``retryable``
+    when the cause is transient (timeout, reset, throttling, 5xx), so ``--extend``/``--resume``
+    try it again."""
+    from tasks.shard_job import describe, is_transient
+
+    return SourceItem(ref, error=f"{reason}: {type(exc).__name__}",
+                      meta={"detail": describe(exc), "retryable": is_transient(exc)})
+
+
 class Source(ABC):
     """A reader for one source format, addressed by an fsspec URL."""
 

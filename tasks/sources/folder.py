@@ -22,8 +22,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 from tasks import storage
-from tasks.shard_job import describe, is_transient
-from tasks.sources.base import Source, SourceError, SourceItem
+from tasks.sources.base import Source, SourceError, SourceItem, read_error
 from tasks.sources.captions import caption_meta, clean_caption
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
@@ -165,15 +164,14 @@ class FolderSource(Source):
             return SourceItem(ref, error="missing_file")
         if isinstance(image, Refused):
             return SourceItem(ref, error=image.reason)
-        if isinstance(image, Exception):  # a transient cause (timeout, reset, 5xx) is retried by --extend/--resume
-            return SourceItem(ref, error=f"read_error: {type(image).__name__}",
-                              meta={"detail": describe(image), "retryable": is_transient(image)})
+        if isinstance(image, Exception):
+            return read_error(ref, image)
         if isinstance(caption, FileNotFoundError) or caption is None:
             caption = None
         elif isinstance(caption, Refused):
             return SourceItem(ref, error=f"caption_{caption.reason}")
         elif isinstance(caption, Exception):
-            return SourceItem(ref, error=f"caption_read_error: {type(caption).__name__}")
+            return read_error(ref, caption, "caption_read_error")
         text, flags = clean_caption(caption)
         return SourceItem(ref, image=image, caption=text, meta=caption_meta(flags))
 
