@@ -302,7 +302,8 @@ class IngestJob(ShardJob):
                        "rejects_by_reason": dict(sorted(reasons.items()))},
             "config": self.cfg.identity(),
             "versions": versions(),
-            "segments": [s["first_shard"] for s in self.segments or growth.segments(self.out_url)],
+            "segments": [s["first_shard"] for s in self.segments or growth.segments(self.out_url)
+                         if s["first_shard"] == 0 or s["first_shard"] < len(report.shards)],  # not an empty one
             "shards": shards,
         })
         urls = [s.tar_url for s in report.committed]

@@ -86,6 +86,7 @@ def test_extend_appends_only_new_inputs_and_keeps_old_shards(grown):
     again = ingest(src, out, extend=True)  # nothing new: nothing written, the same counts
     assert again.shards_written == 0 and shard_files(out) == after
     assert storage.read_json(f"{out}/manifest.json")["counts"] == counts
+    assert storage.read_json(f"{out}/manifest.json")["segments"] == [0, 3]  # no empty segment listed
 
 
 def test_a_crashed_extension_resumes_with_the_same_plan(grown):
