@@ -15,10 +15,13 @@ shard retried. No image bytes are read.
 
 from __future__ import annotations
 
+import hashlib
+import io
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from tasks import storage
 from tasks.shards import OK, read_index, read_input_hash, shard_urls
@@ -29,8 +32,6 @@ CONTENT_HASH = "content_hash"  # index column of ingest rows: hex SHA-256 of the
 
 def content_hash(data: bytes) -> str:
     """The hex SHA-256 of an input's bytes, as stored in the index."""
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()
 
 
@@ -117,10 +118,6 @@ def has_retryable_rejects(out_url: str) -> bool:
     url = storage.join(out_url, "rejects.parquet")
     if not storage.exists(url):
         return False
-    import io
-
-    import pyarrow.parquet as pq
-
     table = pq.read_table(io.BytesIO(storage.read_bytes(url)))
     return "retryable" in table.column_names and any(table.column("retryable").to_pylist())
 
