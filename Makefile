@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints/cpu.txt
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast mutants bench clean
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +25,13 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Mutation testing of the modules where a wrong sign or a swapped argument changes images silently
+# ([tool.mutmut] in pyproject.toml; not part of CI, slow: see docs/testing.md). MUTANTS narrows the
+# run, e.g. MUTANTS='cnc_model.glod.composition*'.
+MUTANTS ?=
+mutants: install
+	nice -n 10 $(BIN)/mutmut run $(MUTANTS)
+	$(BIN)/mutmut results
+
 clean:
-	rm -rf demo-output .pytest_cache
+	rm -rf demo-output .pytest_cache mutants

@@ -19,7 +19,13 @@ the process and its reaped children, or psutil over the Ray process tree): on a 
 other work the wall clock mostly measures the neighbours, CPU seconds much less. ``--repeat K``
 interleaves K rounds and keeps each runner's best.
 
+``--commands`` instead times whole commands as a user runs them, alternated for ``--repeat``
+rounds, and prints medians: ``cnc ingest`` (default executor ``auto``, or ``--cnc-executor``) and
+img2dataset's own command line, on the same files and cores; the ratio is img2dataset's wall clock
+over ours (throughput, higher is better; targets: >= 1.0 at 500 images, >= 2.0 at 5000).
+
 Run:  .venv/bin/python benchmarks/bench_ingest.py [--n 500] [--cores 2] [--repeat 3] [--profile]
+      .venv/bin/python benchmarks/bench_ingest.py --commands --n 500 --repeat 5
 """
 
 from __future__ import annotations
@@ -352,6 +358,63 @@ def run_img2dataset(python: Path, args: argparse.Namespace, url_list: Path, out:
             "params": params}
 
 
+# ------------------------------------------------------------------------------- whole commands
+
+
+def _timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and the children it reaped) of one command."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed with exit code {proc.returncode}")
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return wall, cpu
+
+
+def run_commands(args: argparse.Namespace, python: Path, images: Path, url_list: Path, work: Path) -> int:
+    """``cnc ingest`` vs ``img2dataset`` as whole commands, alternated; medians and the ratio."""
+    import statistics
+
+    ours_out, i2d_out = work / "cmd-ours", work / "cmd-img2dataset"
+    cnc = [sys.executable, "-m", "flows.cli", "ingest", "--source-format", "folder", "--source", str(images),
+           "--out", str(ours_out), "--size", str(args.size), "--shard-size", str(args.shard_size),
+           "--executor", args.cnc_executor]
+    i2d = [str(python.parent / "img2dataset"), f"--url_list={url_list}", "--input_format=csv", "--url_col=url",
+           "--caption_col=caption", f"--output_folder={i2d_out}", "--output_format=webdataset",
+           f"--image_size={args.size}", "--resize_mode=center_crop", "--encode_quality=95",
+           f"--processes_count={args.cores}", f"--thread_count={args.i2d_threads}",
+           f"--number_sample_per_shard={args.shard_size}", "--enable_wandb=False"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)
+    times: dict[str, list[tuple[float, float]]] = {"cnc ingest": [], "img2dataset": []}
+    for round_ in range(1, args.repeat + 1):
+        print(f"-- round {round_}/{args.repeat} (load average {os.getloadavg()[0]:.1f})", flush=True)
+        for name, cmd, out, cwd in (("img2dataset", i2d, i2d_out, python.parent),
+                                    ("cnc ingest", cnc, ours_out, REPO))[:: 1 if round_ % 2 else -1]:
+            shutil.rmtree(out, ignore_errors=True)
+            wall, cpu = _timed(cmd, _i2d_env() if name == "img2dataset" else env, cwd)
+            times[name].append((wall, cpu))
+            print(f"  {name:12s} {wall:6.2f}s wall {cpu:6.2f}s CPU", flush=True)
+    ours = count_tar_samples(sorted((ours_out / "shards").glob("*.tar")))
+    theirs = count_tar_samples(sorted(i2d_out.glob("*.tar")))
+    same = ours[0] == theirs[0] == args.n and ours[1] == theirs[1] == {(args.size, args.size)}
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
+    print(f"\nwhole commands, {args.n} images, {args.cores} cores, median of {args.repeat} rounds:")
+    for k, (w, c) in med.items():
+        print(f"  {k:12s} {w:6.2f}s wall ({args.n / w:6.1f} images/s), {c:6.2f}s CPU")
+    ratio = med["img2dataset"][0] / med["cnc ingest"][0]
+    target = 2.0 if args.n >= 5000 else 1.0
+    print(f"  throughput ratio cnc ingest / img2dataset: {ratio:.2f}x (target >= {target:.1f}x: "
+          f"{'met' if ratio >= target else 'NOT met'}); same samples: {'yes' if same else 'NO'}")
+    return 0 if same else 1
+
+
 # ---------------------------------------------------------------------------------------- checks
 
 
@@ -388,6 +451,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1, help="rounds (img2dataset, local, Ray in turn); best of each")
     p.add_argument("--skip", action="append", default=[], choices=["local", "ray", "img2dataset"])
     p.add_argument("--profile", action="store_true", help="cProfile the local executor (printed to stderr)")
+    p.add_argument("--commands", action="store_true", help="time whole commands: cnc ingest vs img2dataset")
+    p.add_argument("--cnc-executor", default="auto", help="--executor of cnc ingest in --commands mode")
     p.add_argument("--_child", choices=["local", "ray"], help=argparse.SUPPRESS)
     p.add_argument("--_source", help=argparse.SUPPRESS)
     p.add_argument("--_out", help=argparse.SUPPRESS)
@@ -419,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = (cores, min(w0, wall), min(c0, cpu))
 
     python = None if "img2dataset" in args.skip else ensure_img2dataset(work / "venv-img2dataset")
+    if args.commands:
+        if python is None:
+            raise SystemExit("--commands compares with img2dataset: do not skip it")
+        return run_commands(args, python, images, url_list, work)
     for round_ in range(1, args.repeat + 1):
         if args.repeat > 1:
             print(f"-- round {round_}/{args.repeat} (load average {os.getloadavg()[0]:.1f})", flush=True)

@@ -65,47 +65,58 @@ def ray_worker(cfg, warmup: int) -> dict[str, float]:
             "peak_mib": max(r["peak_mib"] for r in report["history"])}
 
 
-def sd15_step(batch: int, steps: int, warmup: int, stage: str, checkpointing: bool) -> dict[str, float]:
-    """Samples/s of the SD 1.5-shaped CnC step at 512 px on CUDA (bf16 autocast, fp32 fusers)."""
+def sd15_step(batch: int, steps: int, warmup: int, stage: str, checkpointing: bool, smoke: bool = False
+              ) -> dict[str, float]:
+    """Samples/s of the SD 1.5-shaped CnC step at 512 px on CUDA (bf16 autocast, fp32 fusers).
+    ``smoke``: the same code on the CPU with the tiny UNet at 64 px (checks the path, no figure)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from cnc_model.cnc.global_fuser import GlobalFuser
     from cnc_model.cnc.local_fuser import LocalFuser
-    from cnc_model.cnc.training import CnCBatch, CnCTrainingStep
+    from cnc_model.cnc.training import CnCBatch, CnCTrainingStep, DropoutConfig
     from cnc_model.tiny import sd15_ddim_scheduler
 
-    device = torch.device("cuda")
-    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)  # SD 1.5 shapes
+    from cnc_model.tiny import tiny_unet_config
+
+    device = torch.device("cpu" if smoke else "cuda")
+    if smoke:
+        unet, side, ctx = UNet2DConditionModel(**tiny_unet_config()), 64, 32
+    else:  # SD 1.5 shapes
+        unet, side, ctx = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64), 512, 768
     local = LocalFuser.from_unet(unet).to(device)
-    glob = GlobalFuser(768, 768).to(device)
+    glob = GlobalFuser(ctx, ctx).to(device)
     unet.to(device, torch.bfloat16)
     if checkpointing:
         unet.enable_gradient_checkpointing()
         local.enable_gradient_checkpointing()
     step = CnCTrainingStep(unet, None, None, None, DDPMScheduler.from_config(sd15_ddim_scheduler().config),
-                           local, glob, stage=stage)
+                           local, glob, stage=stage, dropout=DropoutConfig(text=0.0))  # no tokenizer here
     params = step.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     g = torch.Generator(device="cpu").manual_seed(0)
-    mask = torch.zeros(batch, 1, 512, 512)
-    mask[:, :, 128:384, 128:384] = 1
-    data = CnCBatch(latents=torch.randn(batch, 4, 64, 64, generator=g), prompt_embeds=torch.randn(batch, 77, 768, generator=g),
-                    fg_depth=torch.rand(batch, 3, 512, 512, generator=g), bg_depth=torch.rand(batch, 3, 512, 512, generator=g),
-                    fg_embeds=torch.randn(batch, 768, generator=g), bg_embeds=torch.randn(batch, 768, generator=g), mask=mask)
+    mask = torch.zeros(batch, 1, side, side)
+    mask[:, :, side // 4:3 * side // 4, side // 4:3 * side // 4] = 1
+    lat = side // 8
+    data = CnCBatch(latents=torch.randn(batch, 4, lat, lat, generator=g), prompt_embeds=torch.randn(batch, 77, ctx, generator=g),
+                    fg_depth=torch.rand(batch, 3, side, side, generator=g), bg_depth=torch.rand(batch, 3, side, side, generator=g),
+                    fg_embeds=torch.randn(batch, ctx, generator=g), bg_embeds=torch.randn(batch, ctx, generator=g), mask=mask)
     data = CnCBatch(**{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in data.__dict__.items()})
-    torch.cuda.reset_peak_memory_stats()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps):
         if i == warmup:
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = step.loss(data, g)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - t
-    return {"samples_per_s": batch * steps / seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"samples_per_s": batch * steps / seconds, "peak_gib": peak,
             "trainable_m": sum(p.numel() for p in params) / 1e6}
 
 
@@ -121,6 +132,8 @@ def main() -> None:
     parser.add_argument("--gpu-steps", type=int, default=10)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--skip-ray", action="store_true", help="only the GPU measurement")
+    parser.add_argument("--smoke-gpu-path", action="store_true",
+                        help="run the GPU step's code on the CPU with the tiny UNet (a check, no figure)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -145,9 +158,11 @@ def main() -> None:
         print(f"loader share of step:  {100 * worker['loader_share']:7.2f} %   (wall time waiting for the next batch; "
               "target < 5 %)")
         print(f"peak memory (worker):  {worker['peak_mib']:8.0f} MiB (max RSS)")
-    if args.device == "cuda":
-        r = sd15_step(args.gpu_batch, args.gpu_steps, args.warmup, args.stage, args.gradient_checkpointing)
-        print(f"SD 1.5 shapes, 512 px, bf16 autocast, stage {args.stage}, batch {args.gpu_batch}: "
+    if args.device == "cuda" or args.smoke_gpu_path:
+        r = sd15_step(args.gpu_batch, args.gpu_steps, args.warmup, args.stage, args.gradient_checkpointing,
+                      smoke=args.smoke_gpu_path)
+        what = "smoke (tiny UNet, 64 px, CPU)" if args.smoke_gpu_path else "SD 1.5 shapes, 512 px"
+        print(f"{what}, bf16 autocast, stage {args.stage}, batch {args.gpu_batch}: "
               f"{r['samples_per_s']:.2f} samples/s, peak {r['peak_gib']:.1f} GiB, {r['trainable_m']:.0f} M trainable")
 
 

@@ -10,11 +10,12 @@ from tasks.redact import redact_text
 
 
 def publish_counts(key: str, title: str, counts: dict[str, Any], rejects_by_reason: dict[str, int],
-                   seconds: float) -> None:
-    """A markdown summary (counts, throughput) and a table of reject reasons; URLs in the title
-    lose their credentials (artifacts are stored on the Prefect server)."""
+                   seconds: float, inputs: int | None = None) -> None:
+    """A markdown summary (counts, throughput) and a table of reject reasons. ``inputs`` is what the
+    throughput counts (default ``counts["inputs"]``; build-triplets counts its sources). URLs in the
+    title lose their credentials (artifacts are stored on the Prefect server)."""
     title = redact_text(title)
-    inputs = counts.get("inputs", 0)
+    inputs = counts.get("inputs", 0) if inputs is None else inputs
     rate = inputs / seconds if seconds else 0.0
     lines = [f"# {title}", "", "| what | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in counts.items()]

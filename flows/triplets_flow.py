@@ -132,7 +132,7 @@ def build_triplets(params: BuildTripletsParams) -> dict[str, Any]:
     counts = {"sources": result["num_sources"], "triplets": result["num_triplets"], "rejects": result["num_rejects"],
               "shards": len(result["shard_urls"])}
     publish_counts("build-triplets", f"Triplets from {params.source}", counts, result["rejects_by_reason"],
-                   result["seconds"])
+                   result["seconds"], inputs=result["num_sources"])
     rows = [{"stage": s, "seconds": round(t, 3), "samples/s": round(ingest["num_samples"] / t, 2) if t else None}
             for s, t in result["stage_seconds"].items()]
     create_table_artifact(key="build-triplets-stages", table=rows or [{"stage": "(none run)"}],

@@ -1,10 +1,11 @@
-"""The ingest stage: source images -> WebDataset shards of centre crops, on Ray Data.
+"""The ingest stage: source images -> WebDataset shards of centre crops, a job of the shard runner.
 
 Plan: list the source into refs (no bytes), assign them to shards deterministically (consecutive
-runs of ``shard_size`` refs in listing order). Run: one Ray Data task per pending shard streams its
-items through :func:`tasks.imaging.prepare_image` into a :class:`tasks.shards.ShardWriter`.
-A shard is published atomically, so a killed worker or node only costs a retry of that shard, and
-a re-run skips every committed shard. Finish: gather the shard indexes into ``rejects.parquet`` and
+runs of ``shard_size`` refs in listing order). Run (:mod:`tasks.shard_job`: a Ray task, a pool
+process or this process per pending shard): stream the shard's items through
+:func:`tasks.imaging.prepare_image` into the shard's writer. A shard is published atomically, so
+a killed worker or node only costs a retry of that shard, and a re-run skips every committed
+shard. Finish: the runner gathers the indexes into ``rejects.parquet``; :class:`IngestJob` writes
 ``manifest.json``. Every input ends as exactly one index row: a sample or a reject with a reason.
 
 Growing (``extend=True``, :mod:`tasks.extend`): on a finished output a new segment of shards is

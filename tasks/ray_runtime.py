@@ -16,7 +16,7 @@ _joined = False
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray sized to this machine.
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a new local Ray sized to this machine.
 
     Reuses an already initialised Ray (tests, notebooks). Returns the cluster's resources.
     """
@@ -28,8 +28,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
             log.info("joining Ray cluster at %s", address)
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=_want_dashboard(),
-                     log_to_driver=False)
+            # address="local": always a Ray of our own, never a `ray start` cluster that happens to
+            # run on this machine (its resources, token and lifetime are not this job's)
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
+                     include_dashboard=_want_dashboard(), log_to_driver=False)
     return ray.cluster_resources()
 
 

@@ -109,13 +109,19 @@ def test_image_flags_of_folder_corpus(memory_url):
     corpus = build_folder_corpus(memory_url)
     source = get_source("folder", memory_url)
     refs = [sid for sid, _ in corpus.entries]
-    for (sid, e), item in zip(corpus.entries, source.load(refs)):
+    items = list(source.load(refs))
+    assert [item.source_id for item in items] == refs  # one item per entry, in order: no silent zip cut
+    rejects_checked = flags_checked = 0
+    for (sid, e), item in zip(corpus.entries, items):
         if e.outcome == "reject" and item.error is None:
             with pytest.raises(RejectError) as info:
                 prepare_image(item.image or b"", SIZE)
             assert info.value.reason == e.reason
+            rejects_checked += 1
         if "flags" in e.checks:
             assert set(e.checks["flags"]) <= set(prepare_image(item.image, 256).flags), sid
+            flags_checked += 1
+    assert rejects_checked > 0 and flags_checked > 0
 
 
 @pytest.mark.slow

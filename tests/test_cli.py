@@ -68,3 +68,26 @@ def test_commands_import_the_error_helper_not_the_cli_module():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 assert node.module != "flows.cli", f"{path.name} imports flows.cli"
+
+
+@pytest.mark.slow
+def test_build_triplets_checks_the_triplet_side_before_ingest_runs(tmp_path, monkeypatch):
+    """A request the triplet stages cannot fit (GPUs for inpainting on a machine without any) is
+    status 2 with one line, before ingest has read a source or written anything."""
+    import ray
+
+    from tasks.sample_images import write_sample_folder
+
+    monkeypatch.setenv("CNC_RAY_DASHBOARD", "0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():  # a local Ray of this machine's CPUs and no GPU, as a user gets
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        write_sample_folder(str(tmp_path / "src"), ["chelsea.png"])
+        line = one_line_error(run("build-triplets", "--source-format", "folder", "--source", str(tmp_path / "src"),
+                                  "--out", str(tmp_path / "out"), "--size", "64", "--inpaint-gpus", "1"))
+    finally:
+        ray.shutdown()
+    assert "GPU" in line
+    assert not (tmp_path / "out").exists()

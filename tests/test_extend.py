@@ -11,15 +11,25 @@ from tasks.ingest import run_ingest
 from tasks.sample_images import sample_photo_bytes, write_sample_folder
 from tasks.shard_job import OutputConflict
 from tasks.shards import read_index
+from tasks.sources.base import SourceItem
 from tasks.sources.folder import FolderSource
 from tasks.triplets.job import StageOptions, run_triplets
 
 FIRST = ["chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg"]
-FLAKY = "motorcycle_left.png"  # a timeout in the first run: a retryable reject
+FLAKY = "motorcycle_left.png"  # a reader marks it a retryable reject in the first run (its cause may pass)
 
 
 def ingest(src: str, out: str, size: int = 16, **kw):
     return run_ingest("folder", src, out, size=size, min_side=8, shard_size=2, executor="local", **kw)
+
+
+def flaky(real_item):
+    """FolderSource._item, except that FLAKY is a reject its reader marks retryable."""
+    def item(ref, image, caption):
+        if ref == FLAKY:
+            return SourceItem(ref, error="rate_limited", meta={"retryable": True, "detail": "try later"})
+        return real_item(ref, image, caption)
+    return item
 
 
 def shard_files(out: str) -> dict[str, bytes]:
@@ -38,11 +48,7 @@ def grown(memory_url, monkeypatch):
     write_sample_folder(src, FIRST)
     storage.write_bytes(f"{src}/broken.jpg", b"not an image at all")
     real_item = FolderSource._item
-
-    def timing_out(ref, image, caption):
-        return real_item(ref, TimeoutError("read timed out") if ref == FLAKY else image, caption)
-
-    monkeypatch.setattr(FolderSource, "_item", staticmethod(timing_out))
+    monkeypatch.setattr(FolderSource, "_item", staticmethod(flaky(real_item)))
     first = ingest(src, out)
     monkeypatch.setattr(FolderSource, "_item", staticmethod(real_item))
     before = shard_files(out)
@@ -57,7 +63,7 @@ def test_extend_appends_only_new_inputs_and_keeps_old_shards(grown):
     assert (first.num_inputs, first.num_samples, first.num_rejects) == (5, 3, 2)
     assert sorted(before) == [f"shard-{i:06d}.{e}" for i in range(3) for e in ("parquet", "tar")]
     rejects = storage.read_json(f"{out}/manifest.json")["counts"]["rejects_by_reason"]
-    assert rejects == {"not_an_image": 1, "read_error: TimeoutError": 1}
+    assert rejects == {"not_an_image": 1, "rate_limited": 1}
     retryable = {r["source_id"]: r["retryable"] for r in read_index(f"{out}/rejects.parquet").to_pylist()}
     assert retryable == {"broken.jpg": False, FLAKY: True}
 
@@ -108,9 +114,7 @@ def test_resume_retries_transient_rejects_alone(memory_url, monkeypatch):
     src, out = f"{memory_url}/photos", f"{memory_url}/ingest"
     write_sample_folder(src, FIRST)
     real_item = FolderSource._item
-    monkeypatch.setattr(FolderSource, "_item", staticmethod(
-        lambda ref, image, caption: real_item(ref, ConnectionResetError(104, "reset") if ref == FLAKY else image,
-                                              caption)))
+    monkeypatch.setattr(FolderSource, "_item", staticmethod(flaky(real_item)))
     assert ingest(src, out).num_rejects == 1
     monkeypatch.setattr(FolderSource, "_item", staticmethod(real_item))
     result = ingest(src, out, resume=True)

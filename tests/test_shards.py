@@ -64,8 +64,8 @@ def test_keys_are_validated(tmp_path):
             w.add_sample("k.2", "c.jpg", {"jpg": b"x"})
 
 
-def test_memory_and_file_urls_work_alike(tmp_path):
+def test_memory_and_file_urls_work_alike(tmp_path, memory_url):
     a, ai = write_one(f"file://{tmp_path}")
-    m, mi = write_one("memory://shards-test")
+    m, mi = write_one(memory_url)
     assert storage.read_bytes(a) == storage.read_bytes(m)
     assert read_index(ai).equals(read_index(mi))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 
@@ -120,6 +121,45 @@ def test_folder_unreadable_files_are_per_file_rejects(tmp_path, monkeypatch):
     items = list(get_source("folder", str(tmp_path)).load(["a.jpg", "b.jpg", "c.jpg"]))
     assert [i.error for i in items] == ["read_error: PermissionError", None, "caption_read_error: PermissionError"]
     assert (items[1].image, items[1].caption) == (jpg, "b")
+
+
+def test_folder_transient_read_errors_fail_the_shard_and_a_retry_loses_nothing(tmp_path, monkeypatch):
+    """A network-like error on one file is not a reject (a re-run would skip it for good): it fails
+    the shard, and the runner's next attempt reads every file. A permanent one stays a reject with
+    its exception as the detail."""
+    import errno
+    import os
+
+    from tasks.ingest import run_ingest
+    from tasks.shards import read_index
+
+    jpg = photo_jpeg()
+    src = tmp_path / "src"
+    write_folder(str(src), {"a.jpg": jpg, "b.jpg": jpg, "c.jpg": jpg}, {})
+    real_open = os.open
+    failures = {"b.jpg": 1}
+
+    def flaky(path, flags, *args, **kwargs):
+        name = os.path.basename(path)
+        if failures.get(name):
+            failures[name] -= 1
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer", path)
+        if name == "c.jpg":
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", flaky)
+    with pytest.raises(ConnectionResetError):
+        list(get_source("folder", str(src)).load(["a.jpg", "b.jpg", "c.jpg"]))
+    failures["b.jpg"] = 1
+    result = run_ingest("folder", str(src), str(tmp_path / "out"), size=32, min_side=8, shard_size=3,
+                        executor="local")
+    assert (result.num_samples, result.num_rejects) == (2, 1) and failures["b.jpg"] == 0
+    rows = read_index(str(tmp_path / "out" / "shards" / "shard-000000.parquet")).to_pylist()
+    rejected = [r for r in rows if r["status"] != "ok"]
+    assert [(r["source_id"], r["reason"], r["retryable"]) for r in rejected] == \
+        [("c.jpg", "read_error: PermissionError", False)]
+    assert "Permission denied" in rejected[0]["detail"]
 
 
 # ------------------------------------------------------------------------------- COCO-Stuff
@@ -359,8 +399,9 @@ def test_pickapic_validation_errors(memory_url):
         get_source("pickapic", memory_url).validate()
     import pyarrow as pa
 
-    pq.write_table(pa.table({"caption": ["x"]}), "/tmp/_cols.parquet")
-    storage.write_bytes(f"{memory_url}/bad.parquet", open("/tmp/_cols.parquet", "rb").read())
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"caption": ["x"]}), buf)
+    storage.write_bytes(f"{memory_url}/bad.parquet", buf.getvalue())
     with pytest.raises(SourceError, match="lacks column"):
         get_source("pickapic", memory_url).validate()
 

@@ -25,9 +25,9 @@ def test_atomic_open_replaces_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
-@pytest.mark.parametrize("root", ["memory://storage-test", "file://{tmp}", "{tmp}"])
-def test_json_round_trip_and_listing(root, tmp_path):
-    root = root.format(tmp=tmp_path)
+@pytest.mark.parametrize("root", ["{memory}", "file://{tmp}", "{tmp}"])
+def test_json_round_trip_and_listing(root, tmp_path, memory_url):
+    root = root.format(tmp=tmp_path, memory=memory_url)
     storage.write_json(storage.join(root, "b.json"), {"x": 1})
     storage.write_json(storage.join(root, "a.json"), {"y": [1, 2]})
     storage.write_bytes(storage.join(root, ".hidden.json"), b"{}")

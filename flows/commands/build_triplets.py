@@ -46,7 +46,7 @@ def build_triplets(
     from tasks.shard_job import OutputBusy, OutputConflict, ShardJobFailed
     from tasks.sources import SOURCE_FORMATS
     from tasks.sources.base import SourceError
-    from tasks.triplets.job import TripletsInputError, run_triplets
+    from tasks.triplets.job import TripletsInputError, check_pool_plan, run_triplets
 
     if source_format not in SOURCE_FORMATS:
         fail(f"unknown --source-format {source_format!r}; choose one of {', '.join(SOURCE_FORMATS)}")
@@ -54,6 +54,12 @@ def build_triplets(
         fail(f"unknown --preset {preset!r}; choose {' or '.join(PRESETS)}")
     options = run_options(executor, RunOptions.max_attempts, RunOptions.shard_timeout_s, max_reject_share)
     stages = {"inpaint": StageOptions(num_gpus=gpus_per_inpaint_actor, cfg={"num_inference_steps": inpaint_steps})}
+    try:  # the triplet side's arguments are checked before ingest runs (and writes anything)
+        if executor != "local":
+            check_pool_plan(TripletsConfig(storage.join(out, "ingest"), storage.join(out, "triplets"), preset, clip,
+                                           latents, stages))
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
     try:
         ingest = run_ingest(source_format, source, storage.join(out, "ingest"), size=size, shard_size=shard_size,
                             limit=limit, resume=resume, extend=extend, progress=True, executor=executor,

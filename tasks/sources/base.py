@@ -23,7 +23,9 @@ class SourceItem:
     """One input as read from its source, before any decoding.
 
     ``error`` set means the reader itself rejects the item (missing file, tied Pick-a-Pic pair,
-    NSFW flag, null bytes...): it becomes a reject record with that reason.
+    NSFW flag, null bytes...): it becomes a reject record with that reason; with
+    ``meta["retryable"]`` true it is a reject that ``--extend``/``--resume`` try again (its cause
+    may pass), and ``meta["detail"]`` says more.
     """
 
     source_id: str
@@ -34,14 +36,15 @@ class SourceItem:
     error: str | None = None
 
 
-def read_error(ref: str, exc: BaseException, reason: str = "read_error") -> SourceItem:
-    """The reject of an input whose read failed: ``<reason>: <type>``, the detail, and ``retryable``
-    when the cause is transient (timeout, reset, throttling, 5xx), so ``--extend``/``--resume``
-    try it again."""
+def read_failure(ref: str, exc: BaseException, reason: str) -> SourceItem:
+    """A per-file read error as this item's reject, with the exception as its detail. A
+    transient error (network, throttling, a 5xx) is raised instead: it fails the shard, which
+    the runner retries, rather than becoming a permanent reject that re-runs would skip."""
     from tasks.shard_job import describe, is_transient
 
-    return SourceItem(ref, error=f"{reason}: {type(exc).__name__}",
-                      meta={"detail": describe(exc), "retryable": is_transient(exc)})
+    if is_transient(exc):
+        raise exc
+    return SourceItem(ref, error=reason, meta={"detail": describe(exc)})
 
 
 class Source(ABC):

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 from tasks import storage
-from tasks.sources.base import Source, SourceError, SourceItem, read_error
+from tasks.sources.base import Source, SourceError, SourceItem, read_failure
 from tasks.sources.captions import caption_meta, clean_caption
 
 _BATCH = 16
@@ -193,14 +193,14 @@ class CocoStuffSource(Source):
         image_id = index["by_file"].get(name)
         if image_id is None:
             return SourceItem(ref, error="not_in_captions_json")
-        if isinstance(image, FileNotFoundError) or image is None:
+        if image is None or isinstance(image, FileNotFoundError):
             return SourceItem(ref, error="missing_image")
         if isinstance(image, Exception):
-            return read_error(ref, image)
-        if isinstance(label, FileNotFoundError) or label is None:
+            return read_failure(ref, image, f"read_error: {type(image).__name__}")
+        if label is None or isinstance(label, FileNotFoundError):
             return SourceItem(ref, error="missing_label_map")
         if isinstance(label, Exception):
-            return read_error(ref, label)
+            return read_failure(ref, label, f"read_error: {type(label).__name__}")
         meta: dict[str, Any] = {"coco_image_id": image_id, "split": self.split}
         options = index["captions"].get(image_id, [])
         raw = None

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 from tasks import storage
-from tasks.sources.base import Source, SourceError, SourceItem, read_error
+from tasks.sources.base import Source, SourceError, SourceItem, read_failure
 from tasks.sources.captions import caption_meta, clean_caption
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
@@ -165,13 +165,13 @@ class FolderSource(Source):
         if isinstance(image, Refused):
             return SourceItem(ref, error=image.reason)
         if isinstance(image, Exception):
-            return read_error(ref, image)
+            return read_failure(ref, image, f"read_error: {type(image).__name__}")
         if isinstance(caption, FileNotFoundError) or caption is None:
             caption = None
         elif isinstance(caption, Refused):
             return SourceItem(ref, error=f"caption_{caption.reason}")
         elif isinstance(caption, Exception):
-            return read_error(ref, caption, "caption_read_error")
+            return read_failure(ref, caption, f"caption_read_error: {type(caption).__name__}")
         text, flags = clean_caption(caption)
         return SourceItem(ref, image=image, caption=text, meta=caption_meta(flags))
 

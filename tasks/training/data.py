@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from cnc_model.annotators.depth import decode_depth_png16
 from cnc_model.cnc.training import CnCBatch
 from tasks import storage
 from tasks.shards import iter_tar_samples, read_index
+
+log = logging.getLogger(__name__)
 
 MAX_SIDE = 4096
 """Largest image side a sample may have (checked from the header before decoding)."""
@@ -154,6 +157,7 @@ def _npy(data: bytes, what: str) -> np.ndarray:
 
 
 def _depth(data: bytes, resolution: int | None) -> np.ndarray:
+    _open_image(data, "depth map")  # header only: the size cap before decoding
     d = decode_depth_png16(data)
     if resolution is not None and d.shape != (resolution, resolution):
         d = np.asarray(PIL.Image.fromarray(d, mode="F").resize((resolution, resolution), PIL.Image.BILINEAR))
@@ -185,6 +189,16 @@ def decode_sample(files: dict[str, Any], fields: Fields, resolution: int | None)
     return row
 
 
+def safe_decode(files: dict[str, Any], fields: Fields, resolution: int | None) -> dict[str, Any] | None:
+    """:func:`decode_sample`, or None (logged with the key and reason) for a sample that cannot be
+    decoded: training goes on without it instead of failing on one bad file."""
+    try:
+        return decode_sample(files, fields, resolution)
+    except (ValueError, OSError, KeyError, SyntaxError) as exc:  # PIL raises SyntaxError on some bad PNGs
+        log.warning("skipping training sample %s: %s", files.get("__key__"), exc)
+        return None
+
+
 def stack_rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     if not rows:
         return {}
@@ -205,7 +219,9 @@ class DecodeBatch:
             if is_val(key, self.val_fraction) != (self.split == "val"):
                 continue
             files = {k: batch[k][i] for k in batch if not k.startswith("__url")}
-            rows.append(decode_sample({**files, "__key__": key}, self.fields, self.resolution))
+            row = safe_decode({**files, "__key__": key}, self.fields, self.resolution)
+            if row is not None:
+                rows.append(row)
         out = stack_rows(rows)
         return out  # {} when the block holds no row of this split (an empty block)
 
@@ -249,7 +265,9 @@ def local_rows(plan: DataPlan, resolution: int | None, val_fraction: float, spli
     for tar in plan.tar_urls:
         for files in iter_tar_samples(tar):
             if is_val(files["__key__"], val_fraction) == (split == "val"):
-                yield decode_sample(files, plan.fields, resolution)
+                row = safe_decode(files, plan.fields, resolution)
+                if row is not None:
+                    yield row
 
 
 def shuffled(rows: Iterable[dict[str, Any]], buffer: int, seed: int) -> Iterator[dict[str, Any]]:

@@ -174,7 +174,7 @@ def _train_ray(cfg: TrainConfig, plan: data.DataPlan, progress: bool):
     datasets = data.ray_datasets(plan, cfg.data.resolution, cfg.data.val_fraction, cfg.data.decode_cpus)
     options = DataConfig.default_ingest_options()
     options.preserve_order = True  # with seeded local shuffles: a resumed epoch replays the same order
-    board = ProgressBoard.remote()
+    board = _progress_board().remote()
     storage_path, filesystem = _ray_storage(cfg.out)
     gpus = cfg.scaling.gpus_per_worker
     trainer = TorchTrainer(
@@ -235,14 +235,6 @@ def _progress_board():
             return self.record
 
     return Board
-
-
-class _LazyBoard:
-    def remote(self) -> Any:
-        return _progress_board().remote()
-
-
-ProgressBoard = _LazyBoard()
 
 
 def run_all(base: TrainConfig, stages: tuple[str, ...] = STAGE_ORDER, epochs: int | None = None,

@@ -72,62 +72,77 @@ def run_loop(cfg: TrainConfig, plan: data.DataPlan, session: Any) -> TrainerStat
     total = total_steps(cfg, plan)
     batches = plan.batches_per_epoch(cfg.micro_batch)
     accum = cfg.grad_accum
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     last_loss = state.history[-1]["loss"] if state.history else float("nan")
+
+    def new_group() -> dict[str, Any]:
+        return {"loss": 0.0, "samples": 0, "data_s": 0.0, "t": time.perf_counter(), "cpu": time.process_time(),
+                "keys": [], "pending": False}
+
+    def apply_step(group: dict[str, Any], index: int, synced: bool) -> dict[str, Any]:
+        """Clip, optimizer and schedule step, bookkeeping; ``synced`` False: all-reduce grads first
+        (a group cut short when fewer batches came than planned, e.g. undecodable samples skipped)."""
+        if ddp and not synced:
+            for p in step.trainable_parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= session.world_size
+        grad_norm = None
+        if cfg.optim.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(step.trainable_parameters(), cfg.optim.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.batch_in_epoch = index + 1
+        samples = group["samples"] * session.world_size
+        state.samples += samples
+        step_s = time.perf_counter() - group["t"]
+        record = {"step": state.step, "epoch": state.epoch, "loss": session.mean(group["loss"]),
+                  "lr": scheduler.get_last_lr()[0], "samples_per_s": samples / step_s if step_s else 0.0,
+                  "step_s": step_s, "data_s": group["data_s"], "cpu_s": time.process_time() - group["cpu"],
+                  "peak_mib": peak_memory_mib(device)}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        if rank == 0 and (state.step % cfg.log_every == 0 or state.step == total):
+            state.history.append(record)
+        session.progress({**record, "total": total})
+        if cfg.on_step is not None:
+            cfg.on_step({"rank": rank, "step": state.step, "epoch": state.epoch, "keys": group["keys"]})
+        return record
+
     while state.step < total and state.epoch < cfg.epochs:
         skip, epoch_done = state.batch_in_epoch, True
-        group_loss, group_samples, data_s, t_group, keys = 0.0, 0, 0.0, time.perf_counter(), []
-        cpu_group = time.process_time()
+        group = new_group()
         iterator = iter(session.train_batches(state.epoch))
         index = -1
         while True:
             t_data = time.perf_counter()
             batch_np = next(iterator, None)
-            data_s += time.perf_counter() - t_data
+            group["data_s"] += time.perf_counter() - t_data
             if batch_np is None:
+                if group["pending"]:
+                    last_loss = apply_step(group, index, synced=False)["loss"]
                 break
             index += 1
             if index < skip:
                 continue
             first = (index // accum) * accum
             size = min(accum, batches - first)
-            last = index - first == size - 1
+            last = index - first >= size - 1
             batch = data.to_cnc_batch(batch_np, device, embed)
-            sync = model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not last \
-                else contextlib.nullcontext()
-            with sync:
+            with model.no_sync() if ddp and not last else contextlib.nullcontext():
                 with autocast(cfg, device):
                     loss = model(batch, generator) / size
                 loss.backward()
-            group_loss += float(loss.detach())
-            group_samples += len(batch_np["key"])
-            keys += [str(k) for k in batch_np["key"]]
+            group["loss"] += float(loss.detach())
+            group["samples"] += len(batch_np["key"])
+            group["keys"] += [str(k) for k in batch_np["key"]]
+            group["pending"] = True
             if not last:
                 continue
-            grad_norm = None
-            if cfg.optim.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(step.trainable_parameters(), cfg.optim.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.batch_in_epoch = index + 1
-            samples = group_samples * session.world_size
-            state.samples += samples
-            step_s = time.perf_counter() - t_group
-            record = {"step": state.step, "epoch": state.epoch, "loss": session.mean(group_loss),
-                      "lr": scheduler.get_last_lr()[0], "samples_per_s": samples / step_s if step_s else 0.0,
-                      "step_s": step_s, "data_s": data_s, "cpu_s": time.process_time() - cpu_group}
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
-            record["peak_mib"] = peak_memory_mib(device)
-            last_loss = record["loss"]
-            if rank == 0 and (state.step % cfg.log_every == 0 or state.step == total):
-                state.history.append(record)
-            session.progress({**record, "total": total})
-            if cfg.on_step is not None:
-                cfg.on_step({"rank": rank, "step": state.step, "epoch": state.epoch, "keys": keys})
-            group_loss, group_samples, data_s, t_group, keys = 0.0, 0, 0.0, time.perf_counter(), []
-            cpu_group = time.process_time()
+            last_loss = apply_step(group, index, synced=True)["loss"]
+            group = new_group()
             if state.step >= total and index + 1 < batches:
                 epoch_done = False
                 break

@@ -108,7 +108,10 @@ def _ingest_row(shard: int, s: dict[str, Any]) -> dict[str, Any]:
 def _flat_read(item: dict[str, Any], ingest_url: str) -> Iterator[dict[str, Any]]:
     # An unreadable ingest shard ends this block; its samples are then missing from staging, so
     # the runner records the shard as failed instead of the whole job dying.
-    yield from ingest_rows(ingest_url, int(item["shard"]), set(json.loads(item["skip"])))
+    part, parts = int(item.get("part", 0)), int(item.get("parts", 1))
+    for n, row in enumerate(ingest_rows(ingest_url, int(item["shard"]), set(json.loads(item["skip"])))):
+        if n % parts == part:
+            yield row
 
 
 # ------------------------------------------------------------------------------------ staging
@@ -293,6 +296,29 @@ def _plan_ray_pools(cfg: TripletsConfig, batches: int | None = None, warn: bool 
     return plans
 
 
+def check_pool_plan(cfg: TripletsConfig) -> None:
+    """Raise :class:`tasks.triplets.resources.ResourceError` when the stage pools cannot fit the
+    local Ray this machine would start, without starting it (so a command can refuse before any
+    work). A joined cluster (``RAY_ADDRESS``) may grow: nothing is checked there."""
+    import os
+
+    import ray
+
+    from tasks.ray_runtime import joined_cluster
+
+    if joined_cluster():
+        return
+    if ray.is_initialized():
+        resources = ray.cluster_resources()
+        cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    else:
+        import torch
+
+        cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
+    names = [g[-1] for g in pools.pool_groups(cfg.stage_names(), _model_free())]
+    pools.check_fits(pools.plan_pools(names, cfg.stages, cpus, gpus), cpus, gpus)
+
+
 def _model_free() -> set[str]:
     from tasks.triplets.stages import STAGE_CLASSES
 
@@ -330,13 +356,9 @@ def _run_on_ray(cfg: TripletsConfig, pending: list[Shard], todo: dict[int, set[s
         # staging, assembly refuses the shard, and the runner records it as failed. Nothing is lost
         # silently and one bad shard does not end the job.
         ctx.max_errored_blocks = -1
-        items = [{"shard": i, "skip": json.dumps(sorted(k for k in staging.staged_rows(cfg.out_url, i)))}
-                 for i in streaming]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        # Ray Data retries tasks and restarts actors lost with a node (bounded here); a sample
-        # reaches staging at most once per successful batch, and staging tolerates repeats.
         retries = {"max_retries": max(0, opts.max_attempts - 1)}
-        ds = ds.flat_map(_flat_read, fn_kwargs={"ingest_url": cfg.ingest_url}, num_cpus=pools.TASK_CPUS, **retries)
+        actors = max(p.max_actors or p.min_actors for p in plans.values())
+        ds = read_dataset(cfg, {i: todo[i] for i in streaming}, actors, retries)
         finish = functools.partial(stage_batch, out_url=cfg.out_url, preset_ids=_preset_ids(cfg))
         # The last pool writes its results to staging itself (no extra process, no extra hop of
         # every image) unless it holds GPUs, which should not wait on storage.
@@ -375,6 +397,32 @@ def _run_on_ray(cfg: TripletsConfig, pending: list[Shard], todo: dict[int, set[s
             failed(by_index[i], describe(getattr(exc, "cause", None) or exc))
             continue
         done(by_index[i], counts)
+
+
+def read_dataset(cfg: TripletsConfig, todo: dict[int, set[str]], actors: int, retries: dict[str, Any] | None = None):
+    """The rows still to do of the shards in ``todo`` as a Ray Data stream.
+
+    A block goes to one actor, so a shard read as one block keeps one actor busy and leaves the
+    rest of the pool idle. When there are fewer shards than ``actors``, each shard is read as up to
+    ``ceil(actors / shards)`` parts (never more parts than it has batches): part ``j`` of ``k``
+    keeps every k-th row, so a one-shard job gives every actor work. Each part reads the shard's tar
+    again: the extra reading is bounded by the pool size and vanishes once shards outnumber actors.
+    Batching does not change the bytes (assembly restores the ingest order; seeds are per key)."""
+    import ray
+
+    groups = pools.pool_groups(cfg.stage_names(), _model_free())
+    rows = min(cfg.options(g[-1]).batch_size for g in groups)
+    per_shard = -(-max(1, actors) // max(1, len(todo)))
+    items = []
+    for i, keys in todo.items():
+        parts = max(1, min(per_shard, -(-len(keys) // rows)))
+        skip = json.dumps(sorted(staging.staged_rows(cfg.out_url, i)))
+        items += [{"shard": i, "skip": skip, "part": j, "parts": parts} for j in range(parts)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Ray Data retries tasks and restarts actors lost with a node (bounded here); a sample
+    # reaches staging at most once per successful batch, and staging tolerates repeats.
+    return ds.flat_map(_flat_read, fn_kwargs={"ingest_url": cfg.ingest_url}, num_cpus=pools.TASK_CPUS,
+                       **(retries or {}))
 
 
 def _assemble(out_url: str, shard: Shard) -> dict[str, int]:

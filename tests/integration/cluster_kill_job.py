@@ -93,6 +93,8 @@ class Killer:
 
 def wait_until_dead(node_id: str) -> int:
     """Wait until the GCS reports ``node_id`` dead; return the number of nodes still alive."""
+    if not any(n["NodeID"] == node_id for n in ray.nodes()):
+        raise ValueError(f"no node {node_id} in the cluster")
     deadline = time.monotonic() + DEATH_SECONDS
     while True:
         nodes = ray.nodes()
@@ -136,7 +138,7 @@ def main(mode: str, src: str, out: str) -> None:
     cluster, workers = start_cluster()
     victim = workers[0]
     report = (run_ingest_mode if mode == "ingest" else run_triplets_mode)(cluster, victim, src, out)
-    report["alive_nodes"] = wait_until_dead(victim.unique_id) if report["lost"] else None
+    report["alive_nodes"] = wait_until_dead(victim.node_id) if report["lost"] else None
     print("RESULT " + json.dumps(report), flush=True)
     ray.shutdown()
     cluster.shutdown()

@@ -19,10 +19,9 @@ def s3_server():
     """moto's S3-compatible HTTP server on 127.0.0.1 (real protocol, as s3fs's own tests use)."""
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # the server binds a free port
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = "http://127.0.0.1:{}".format(server.get_host_and_port()[1])
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "S3_ENDPOINT_URL": endpoint}
     old = {k: os.environ.get(k) for k in env}
@@ -54,9 +53,16 @@ def s3_bucket(s3_server):
 
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
-    """One local Ray for the session (2 CPUs); its workers inherit the S3 server's variables."""
+    """The session's own local Ray (2 CPUs), whatever ran before: a Ray that an earlier test
+    initialised (with other resources) is shut down first, and a cluster started on this machine
+    (``ray start``, ``RAY_ADDRESS``) is never joined. Its workers inherit the S3 server's variables."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    assert ray.cluster_resources()["CPU"] == 2
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -142,10 +142,10 @@ def test_ingest_between_s3_buckets_on_a_real_s3_server(ray_local, s3_bucket):
         f"{s3_bucket}/out/shards/shard-000000.tar", f"{s3_bucket}/out/shards/shard-000001.tar"]
 
 
-def test_memory_urls_run_in_process_and_are_refused_on_ray():
-    src = "memory://cnc-test/photos"
+def test_memory_urls_run_in_process_and_are_refused_on_ray(memory_url):
+    src = f"{memory_url}/photos"
     write_sample_folder(src, ["chelsea.png", "coffee.png"])
     with pytest.raises(ValueError, match="memory://"):
-        run_ingest("folder", src, "memory://cnc-test/out-ray", size=32)
-    result = run_ingest("folder", src, "memory://cnc-test/out", size=32, executor="local")
+        run_ingest("folder", src, f"{memory_url}/out-ray", size=32)
+    result = run_ingest("folder", src, f"{memory_url}/out", size=32, executor="local")
     assert result.num_samples == 2

@@ -62,7 +62,7 @@ def ship_this_module_to_workers(ray_local):
 @pytest.mark.parametrize("how, tries, timeout, error", [
     ("die", 2, None, "Worker"),
     # on Ray the timeout also covers the wait for a worker: ample room for the good shards
-    ("hang", 1, 8.0, "timed out after 8 s"),
+    ("hang", 1, 6.0, "timed out after 6 s"),
 ])
 def test_a_poison_shard_is_tried_max_attempts_times_then_recorded_as_failed(tmp_path, how, tries, timeout, error):
     out = tmp_path / how

@@ -54,7 +54,10 @@ def test_every_source_is_a_triplet_or_a_reject(triplets):
     assert manifest["counts"]["sources"] == n
     rejects = pq.read_table(out / "rejects.parquet").to_pylist()
     assert len(rejects) == result.num_rejects
-    assert {r["source_id"] for r in rejects if r["source_id"] == "all-black.png"} == {"all-black.png"}
+    reasons = {r["source_id"]: r["reason"] for r in rejects}
+    assert len(reasons) == len(rejects)  # one record per rejected source
+    assert reasons.get("all-black.png") == "blank_image"
+    assert all(reasons.values()), reasons  # every reject says why
     keys = [s["__key__"] for u in result.shard_urls for s in iter_tar_samples(u)]
     assert len(keys) == len(set(keys)) == result.num_triplets
     assert list((out / "_staging").rglob("*.tar")) == []  # every staged part was assembled and removed
@@ -102,6 +105,63 @@ def test_resume_after_a_crash_recomputes_only_missing_samples(triplets, ingested
                  executor="local", on_shard=assembled.append)
     assert assembled == [1]
     assert tree_bytes(copy) == before
+
+
+def test_rerunning_a_finished_run_changes_no_byte(triplets, ingested):
+    out, result = triplets
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
+    assembled: list[int] = []
+    again = run_triplets(str(ingested / "ingest"), str(out), preset="tiny", stages=STAGES, on_shard=assembled.append)
+    assert assembled == []  # nothing recomputed
+    assert again.num_triplets == result.num_triplets and again.num_rejects == result.num_rejects
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == files
+    changed_bytes = [str(p.relative_to(out)) for p in files if p.read_bytes() != before[p][0]]
+    rewritten = [str(p.relative_to(out)) for p in files if p.stat().st_mtime_ns != before[p][1]]
+    assert changed_bytes == []
+    # no shard or index is written again (the manifest, rejects table and contact sheet are, with the same bytes)
+    assert [r for r in rewritten if r.startswith("shards/")] == []
+
+
+def test_triplet_shards_read_back_with_webdataset_wids_and_ray_data(triplets):
+    import ray
+    import webdataset as wds
+    import wids
+
+    out, result = triplets
+    n = result.num_triplets
+    keys = {s["__key__"] for u in result.shard_urls for s in iter_tar_samples(u)}
+    assert len(keys) == n > 0
+    samples = list(wds.WebDataset(result.shard_urls, shardshuffle=False, empty_check=False))
+    assert {s["__key__"] for s in samples} == keys
+    for s in samples:  # the documented files of a sample (docs/data-format.md)
+        assert {"src.jpg", "mask.png", "fg.png", "bg.jpg", "depth_fg.png", "depth_bg.png", "txt", "json"} <= s.keys()
+    # a triplet shard's index also lists its rejects; nsamples counts what the tar holds
+    counts = [sum(r["status"] == "ok" for r in pq.read_table(u[: -len(".tar")] + ".parquet").to_pylist())
+              for u in result.shard_urls]
+    ds = wids.ShardListDataset([{"url": u, "nsamples": c} for u, c in zip(result.shard_urls, counts)])
+    assert len(ds) == n and {ds[i]["__key__"] for i in range(n)} == keys
+    rows = ray.data.read_webdataset(str(out / "shards"), file_extensions=["tar"], decoder=None).take_all()
+    assert {r["__key__"] for r in rows} == keys and len(rows) == n
+
+
+def test_contact_sheet_shows_the_first_triplets_column_by_column(triplets):
+    from tasks.triplets.preview import COLUMNS
+
+    out, result = triplets
+    assert result.preview_url and Path(result.preview_url) == out / "preview.png"
+    sheet = Image.open(out / "preview.png").convert("RGB")
+    rows = min(4, result.num_triplets)
+    assert sheet.size == (128 * len(COLUMNS), 16 + 128 * rows)
+    first = next(s for u in result.shard_urls for s in iter_tar_samples(u))
+    for c, name in enumerate(COLUMNS):  # row 0 holds the first triplet's files, in the column order
+        tile = np.asarray(sheet.crop((c * 128, 16, (c + 1) * 128, 16 + 128)), dtype=float)
+        img = Image.open(io.BytesIO(first[name]))
+        if img.mode.startswith("I"):
+            arr = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
+        want = np.asarray(img.convert("RGB").resize((128, 128), Image.Resampling.BILINEAR), dtype=float)
+        assert np.abs(tile - want).mean() < 1, name
 
 
 def test_coco_stuff_masks_and_bad_inputs_travel_through_the_whole_chain(tmp_path):

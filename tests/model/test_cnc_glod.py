@@ -8,8 +8,6 @@ import torch
 
 from tests.model.conftest import random_depth, random_image
 
-pytest.importorskip("cnc_model.glod.composition")
-
 
 def spec(**extra):
     base = {"width": 64, "height": 64, "negative_prompt": "", "global_prompts": [{"text": "a man and a dog", "weight": 7.0}]}

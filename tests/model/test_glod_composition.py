@@ -57,12 +57,20 @@ def test_local_equal_to_global_with_full_region_raises_global_weight() -> None:
 
 
 def test_layout_errors() -> None:
-    with pytest.raises(ValueError, match="not a multiple"):
+    with pytest.raises(ValueError, match=r"noise_pred has 3 rows, not a multiple of 1 \+ 1 globals \+ 2 locals"):
         compose_noise(_blocks(1, 3), [7.5], [1.0, 1.0], torch.ones(2, 8, 8)[:, None][:, :, :7])
-    with pytest.raises(ValueError, match="local masks"):
+    with pytest.raises(ValueError, match=r"1 local prompts need 1 local masks, got None"):
         compose_noise(_blocks(1, 3), [7.5], [1.0], None)
-    with pytest.raises(ValueError, match="at least one global"):
+    with pytest.raises(ValueError, match=r"2 local prompts need 2 local masks, got \(1, 8, 8\)"):
+        compose_noise(_blocks(1, 4), [7.5], [1.0, 1.0], torch.ones(1, 8, 8))
+    with pytest.raises(ValueError, match="^GLoD needs at least one global prompt$"):
         compose_noise(_blocks(1, 1), [])
+
+
+def test_half_precision_noise_keeps_its_dtype_with_float32_regions() -> None:
+    pred = _blocks(1, 3).half()
+    got = compose_noise(pred, [7.5], [5.0], torch.ones(1, 8, 8, dtype=torch.float32))
+    assert got.dtype == torch.float16
 
 
 def test_composition_step_range_and_blocks() -> None:
@@ -79,6 +87,7 @@ def test_stack_prompt_embeds_layout() -> None:
     u, g, l1, l2 = (torch.full((1, 3, 2), float(v)) for v in range(4))
     out = stack_prompt_embeds(u, [g], [l1, l2], num_images=2)
     assert out[:, 0, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert stack_prompt_embeds(u, [g], [l1, l2])[:, 0, 0].tolist() == [0, 1, 2, 3]  # one image by default
 
 
 def test_batched_unet_call_equals_prompt_by_prompt() -> None:

@@ -17,7 +17,7 @@ from cnc_model.glod.layout_guidance import (
     layout_guidance_step,
     layout_loss,
 )
-from cnc_model.glod.prepare import layout_objects, spec_regions
+from cnc_model.glod.prepare import layout_objects
 from cnc_model.glod.spec import parse_spec
 from cnc_model.glod.pipeline_glod import GLoDPipeline
 from cnc_model.tiny import tiny_sd_components
@@ -183,10 +183,22 @@ def test_store_processor_output_is_the_original_processors_recording_or_not(glod
         torch.testing.assert_close(amap.sum(-1), torch.ones(amap.shape[:3]), rtol=0, atol=1e-5)
 
 
+def _hand_regions(feathered: bool = False) -> torch.Tensor:
+    """MAN and WOMAN on the 8 x 8 latent grid, by hand; ``feathered``: a 2-cell inward ramp, so 0.5 on
+    the cells along the sides that are not on the image border."""
+    man, woman = torch.zeros(8, 8), torch.zeros(8, 8)
+    man[1:, :4] = 1  # x 0..32, y 8..64
+    woman[1:, 4:] = 1  # x 32..64, y 8..64
+    if feathered:
+        man[1, :4], man[1:, 3] = 0.5, 0.5
+        woman[1, 4:], woman[1:, 4] = 0.5, 0.5
+    return torch.stack([man, woman])[:, None]
+
+
 def test_debug_outputs(glod: GLoDPipeline) -> None:
-    spec = _spec([MAN, WOMAN], feather=8)
+    spec = _spec([MAN, WOMAN], feather=16)
     out = glod(spec, num_inference_steps=2, generator=_gen(), output_type="np", return_debug=True)
-    assert torch.equal(out.local_masks, spec_regions(parse_spec(spec), (8, 8)))
+    assert torch.equal(out.local_masks, _hand_regions(feathered=True))
     assert len(out.attention_maps) == 2
     for amap in out.attention_maps:
         assert amap.shape == (1, 8, 8) and float(amap.max()) == pytest.approx(1.0) and float(amap.min()) >= 0
@@ -197,7 +209,7 @@ def test_boxes_scale_with_the_output_size(glod: GLoDPipeline) -> None:
     big = _spec([{**MAN, "box": [0, 64, 256, 512]}], width=512, height=512)
     out = glod(big, height=64, width=64, num_inference_steps=1, generator=_gen(), output_type="np", return_debug=True)
     assert out.images.shape == (1, 64, 64, 3)
-    assert torch.equal(out.local_masks, spec_regions(parse_spec(_spec([MAN])), (8, 8)))
+    assert torch.equal(out.local_masks, _hand_regions()[:1])
 
 
 def test_save_and_load_round_trip(glod: GLoDPipeline, tmp_path: Path) -> None:
@@ -293,5 +305,5 @@ def test_output_size_from_the_spec_only_where_it_sets_one(glod: GLoDPipeline) ->
     unsized = {"global_prompts": [{"text": GLOBAL}], "local_prompts": [{**MAN, "box": [0, 64, 256, 512]}]}
     out = glod(unsized, num_inference_steps=1, generator=_gen(), output_type="np", return_debug=True)
     assert out.images.shape == (1, 64, 64, 3)  # the UNet's default, boxes in the default 512 frame
-    assert torch.equal(out.local_masks, spec_regions(parse_spec(_spec([MAN])), (8, 8)))
+    assert torch.equal(out.local_masks, _hand_regions()[:1])
     assert _run(glod, _spec(width=128, height=64), num_inference_steps=1).shape == (1, 64, 128, 3)

@@ -94,13 +94,23 @@ def test_condition_dropout_zeroes_the_conditions():
     assert seeded_loss(keep, batch) != seeded_loss(keep, zeros)
 
 
-def test_precomputed_latents_and_embeddings_are_accepted():
+def test_precomputed_latents_and_embeddings_give_the_same_loss():
+    """Latents encoded beforehand with the generator the loss would use, then the loss continuing
+    from that generator: the very same loss as from images and captions."""
     step = make_step("global")
     batch = fixed_batch()
-    latents = step.encode_latents(batch.images, torch.Generator().manual_seed(1))
-    embeds = step.encode_text(batch.captions, torch.device("cpu"))
-    pre = CnCBatch(**{**batch.__dict__, "images": None, "captions": None, "latents": latents, "prompt_embeds": embeds})
-    assert torch.isfinite(torch.tensor(seeded_loss(step, pre)))
+    from_raw = seeded_loss(step, batch)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        latents = step.encode_latents(batch.images, g)
+        embeds = step.encode_text(batch.captions, torch.device("cpu"))
+        pre = CnCBatch(**{**batch.__dict__, "images": None, "captions": None, "latents": latents, "prompt_embeds": embeds})
+        torch.manual_seed(3)
+        from_pre = step.loss(pre, g).item()
+    assert from_pre == pytest.approx(from_raw, rel=1e-6)
+    # and the loss does see the latents: other latents, another loss
+    other = CnCBatch(**{**pre.__dict__, "latents": latents.flip(-1)})
+    assert abs(seeded_loss(step, other) - seeded_loss(step, pre)) > 1e-4 * from_raw
 
 
 def test_missing_conditions_and_bad_stage_are_errors():

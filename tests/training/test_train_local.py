@@ -168,3 +168,25 @@ def test_checkpoints_on_s3_and_a_second_invocation_continues(triplets, s3_bucket
     assert result.steps == 4
     report = json.loads(storage.read_bytes(storage.join(out, "train_report.json")))
     assert report["steps"] == 4 and fs.exists(f"{path}/model/model_index.json")
+
+
+def test_an_undecodable_sample_is_skipped_and_the_run_finishes(tmp_path):
+    from tasks.shards import ShardWriter, shard_urls
+    from tests.fixtures.triplets import sample_key, triplet_files
+
+    shards = tmp_path / "data" / "shards"
+    shards.mkdir(parents=True)
+    tar, index = shard_urls(str(shards), 0)
+    keys = [sample_key(i) for i in range(8)]
+    with ShardWriter(tar, index) as writer:
+        for i, key in enumerate(keys):
+            files = triplet_files(i)
+            if i == 5:
+                files["depth_fg.png"] = b"not a png"
+            writer.add_sample(key, f"s{i}", files)
+        writer.commit()
+    seen: list[str] = []
+    result = run_training(config("local", str(tmp_path / "data"), str(tmp_path / "out"), epochs=1, batch_size=4,
+                                 on_step=lambda info: seen.extend(info["keys"])))
+    assert sorted(seen) == sorted(k for i, k in enumerate(keys) if i != 5)
+    assert result.steps == 2 and storage.exists(result.report_url)

@@ -89,14 +89,12 @@ def test_every_row_comes_out_once_in_order(result):
 
 def test_bad_inputs_end_as_clear_rejects(result):
     got = {r["key"]: r["reject"] for r in result if r["reject"]}
-    assert {k: got.get(k) for k in EXPECTED_REJECTS} == EXPECTED_REJECTS
-    assert got.keys() <= EXPECTED_REJECTS.keys() | {"astronaut", "coffee", "motorcycle"}
-    assert "labelled" not in got
+    assert got == EXPECTED_REJECTS  # and the three photos and the labelled one are triplets
 
 
 def test_triplet_invariants_hold_exactly(result):
     rows = triplets(result)
-    assert len(rows) >= 1
+    assert [r["key"] for r in rows] == ["astronaut", "coffee", "labelled", "motorcycle"]
     for r in rows:
         src, mask, fg = decode(r["jpg"]), decode(r["mask_png"]), decode(r["fg_png"])
         assert set(np.unique(mask)) <= {0, 255} and mask.dtype == np.uint8
@@ -139,7 +137,8 @@ def test_counters_add_up(stages, result):
     n = len(make_rows())
     assert all(s["rows"] == n for s in by_name.values())
     filt = by_name["mask_filter"]
-    assert filt["reject:no_salient_object"] >= 1 and filt["reject:blank_image"] == 1
+    assert filt["reject:no_salient_object"] == 1 and filt["reject:blank_image"] == 1
+    assert filt["reject:object_fills_frame"] == 1
     assert by_name["saliency"]["reject:corrupt_image"] == 1
     assert by_name["inpaint"]["processed"] == len(triplets(result))
     assert by_name["inpaint"]["passed_through"] == n - len(triplets(result))
@@ -189,12 +188,12 @@ def test_paste_unmasked_keeps_the_source_outside_the_dilated_mask(result):
 def test_reference_baseline_agrees_with_the_stages(result):
     ref = run_reference(make_rows(), "tiny", stage_cfg=CFG)
     assert [r["reject"] for r in ref] == [r["reject"] for r in result]
+    assert [r["key"] for r in triplets(ref)] == [r["key"] for r in triplets(result)]
     for a, b in zip(triplets(result), triplets(ref)):
-        ma, mb = decode(a["mask_png"]), decode(b["mask_png"])
-        assert (ma != mb).mean() < 0.01  # batch 1 vs padded batches: rounding only
-        if np.array_equal(ma, mb):
-            assert a["fg_png"] == b["fg_png"]
-            assert np.abs(decode(a["bg_jpg"]).astype(int) - decode(b["bg_jpg"])).mean() < 2
+        # the stages are batch-invariant (see the re-run test), so batch 1 gives the same mask and fg
+        assert a["mask_png"] == b["mask_png"], a["key"]
+        assert a["fg_png"] == b["fg_png"], a["key"]
+        assert np.abs(decode(a["bg_jpg"]).astype(int) - decode(b["bg_jpg"])).mean() < 2
 
 
 def test_stages_load_saved_weights_through_the_real_path(tmp_path, result):
