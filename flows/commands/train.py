@@ -71,7 +71,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out (error if there is none)"),
 ) -> None:
     """Train CnC (local fuser, global fuser, both) from triplet shards to a pipeline folder."""
-    from flows.cli import fail
+    from flows.errors import fail
     from tasks.training.data import TrainingDataError
     from tasks.training.job import STAGE_ORDER, TrainingConflict, check_chain, run_all
 
