@@ -27,6 +27,9 @@ def ingest(
     size: int = typer.Option(IngestConfig.size, "--size", help="side of the square centre crop"),
     shard_size: int = typer.Option(IngestConfig.shard_size, "--shard-size", help="inputs per shard"),
     resume: bool = typer.Option(False, "--resume", help="finish an unfinished run in --out"),
+    extend: bool = typer.Option(False, "--extend",
+                                help="append the source's new inputs to a finished output as new shards "
+                                     "(inputs already there are skipped; transient rejects are retried)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N inputs"),
     quality: int = typer.Option(IngestConfig.quality, "--quality", help="JPEG quality of the crops"),
     executor: str = typer.Option(RunOptions.executor, "--executor",
@@ -51,7 +54,8 @@ def ingest(
     options = run_options(executor, max_attempts, shard_timeout, max_reject_share)
     try:
         result = run_ingest(source_format, source, out, size=size, shard_size=shard_size, resume=resume,
-                            limit=limit, quality=quality, progress=True, executor=executor, run_options=options)
+                            extend=extend, limit=limit, quality=quality, progress=True, executor=executor,
+                            run_options=options)
     except (SourceError, OutputConflict, OutputBusy, ShardJobFailed, OSError, ValueError) as exc:
         fail_with(exc)
     typer.echo(result.summary())

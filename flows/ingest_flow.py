@@ -17,7 +17,8 @@ def ingest_shards(params: IngestParams) -> dict[str, Any]:
     from tasks.ingest import run_ingest
 
     result = run_ingest(params.source_format, params.source, params.out, size=params.size,
-                        shard_size=params.shard_size, quality=params.quality, limit=params.limit, resume=True)
+                        shard_size=params.shard_size, quality=params.quality, limit=params.limit, resume=True,
+                        extend=params.extend)
     return asdict(result)
 
 

@@ -22,6 +22,7 @@ class IngestParams(BaseModel):
     shard_size: int = Field(IngestConfig.shard_size, ge=1, description="inputs per shard")
     quality: int = Field(IngestConfig.quality, ge=50, le=100, description="JPEG quality of the crops")
     limit: Optional[int] = Field(None, ge=1, description="only the first N inputs (for trials)")
+    extend: bool = Field(False, description="append the source's new inputs to a finished output as new shards")
 
 
 class StageParams(BaseModel):
@@ -49,6 +50,8 @@ class BuildTripletsParams(BaseModel):
     size: int = Field(IngestConfig.size, ge=8, le=4096, description="side of the square crops")
     shard_size: int = Field(IngestConfig.shard_size, ge=1, description="inputs per shard")
     limit: Optional[int] = Field(None, ge=1, description="only the first N inputs")
+    extend: bool = Field(False, description="append the source's new inputs to a finished output as new shards "
+                         "(ingest and triplets); emits cnc.triplets.committed when new shards are committed")
     inpaint_steps: int = Field(INPAINT_STEPS, ge=1, le=200, description="denoising steps of the inpainting")
     clip: bool = Field(TripletsConfig.clip, description="also store CLIP image embeddings of fg and bg")
     latents: bool = Field(TripletsConfig.latents, description="also store VAE latents of the source crop (fast "

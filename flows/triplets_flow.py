@@ -26,6 +26,9 @@ from tasks import storage
 if TYPE_CHECKING:
     from tasks.ray_jobs import JobSpec
 
+# emitted after a run that committed new triplet shards; the retraining deployment triggers on it
+COMMITTED_EVENT = "cnc.triplets.committed"
+
 
 def triplet_stage_options(params: BuildTripletsParams) -> dict[str, Any]:
     from tasks.triplets.job import StageOptions
@@ -43,7 +46,8 @@ def triplet_stages(params: BuildTripletsParams, ingest_url: str) -> dict[str, An
     from tasks.triplets.job import run_triplets
 
     result = run_triplets(ingest_url, storage.join(params.out, "triplets"), preset=params.preset, clip=params.clip,
-                          latents=params.latents, stages=triplet_stage_options(params), resume=True)
+                          latents=params.latents, stages=triplet_stage_options(params), resume=True,
+                          extend=params.extend)
     return asdict(result)
 
 
@@ -63,6 +67,8 @@ def cluster_job_spec(params: BuildTripletsParams, run_id: str, python: str = "py
               "limit": params.limit}
     triplets = {"out": storage.join(params.out, "triplets"), "preset": params.preset, "clip": params.clip,
                 "latents": params.latents, "stages": {k: asdict(v) for k, v in triplet_stage_options(params).items()}}
+    if params.extend:
+        ingest["extend"] = triplets["extend"] = True
     entrypoint = shlex.join([python, "-m", "tasks.triplets.cluster_entry", job_spec(ingest, triplets)])
     return JobSpec(entrypoint=entrypoint, key=run_id, name="build-triplets",
                    metadata={"prefect_flow_run_id": run_id, "flow": "build-triplets", "out": params.out})
@@ -120,7 +126,7 @@ def build_triplets(params: BuildTripletsParams) -> dict[str, Any]:
     else:
         ingest_params = IngestParams(source_format=params.source_format, source=params.source,
                                      out=storage.join(params.out, "ingest"), size=params.size,
-                                     shard_size=params.shard_size, limit=params.limit)
+                                     shard_size=params.shard_size, limit=params.limit, extend=params.extend)
         ingest = ingest_shards(ingest_params)
         result = triplet_stages(params, ingest_params.out)
     counts = {"sources": result["num_sources"], "triplets": result["num_triplets"], "rejects": result["num_rejects"],
@@ -135,7 +141,33 @@ def build_triplets(params: BuildTripletsParams) -> dict[str, Any]:
         create_markdown_artifact(key="build-triplets-preview", markdown=_preview_markdown(result["preview_url"]),
                                  description="contact sheet: src | mask | fg | bg | depth fg | depth bg")
     get_run_logger().info("build-triplets: %s", counts)
+    if result.get("shards_written"):
+        emit_committed(result)
     return {"ingest": ingest, "triplets": result}
+
+
+def committed_event(result: dict[str, Any]) -> dict[str, Any]:
+    """The event a run that committed new triplet shards emits (the retraining deployment's
+    trigger): its resource names the output (URL redacted), its payload the counts and the hash of
+    the manifest that lists the new shards."""
+    from tasks.redact import redact_url
+
+    out = redact_url(result["out_url"])
+    return {
+        "event": COMMITTED_EVENT,
+        "resource": {"prefect.resource.id": f"cnc.triplets.{out}", "prefect.resource.name": out},
+        "payload": {"out": out, "manifest_sha256": result["manifest_sha256"],
+                    "shards_written": result["shards_written"], "shards": len(result["shard_urls"]),
+                    "sources": result["num_sources"], "triplets": result["num_triplets"],
+                    "rejects": result["num_rejects"]},
+    }
+
+
+def emit_committed(result: dict[str, Any]) -> None:
+    """Emit :data:`COMMITTED_EVENT` for a run that committed new shards."""
+    from prefect.events import emit_event
+
+    emit_event(**committed_event(result))
 
 
 def _preview_markdown(url: str) -> str:

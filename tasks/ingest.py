@@ -7,6 +7,13 @@ process or this process per pending shard): stream the shard's items through
 a killed worker or node only costs a retry of that shard, and a re-run skips every committed
 shard. Finish: the runner gathers the indexes into ``rejects.parquet``; :class:`IngestJob` writes
 ``manifest.json``. Every input ends as exactly one index row: a sample or a reject with a reason.
+
+Growing (``extend=True``, :mod:`tasks.extend`): on a finished output a new segment of shards is
+planned after the existing ones from the refs whose source id the output does not hold yet, plus
+the retryable (transient) rejects, which are tried again; a new input whose bytes equal a sample's
+of an earlier segment is a ``duplicate`` row (``duplicate_content``). Earlier shards are never
+rewritten. ``resume=True`` on a finished output with retryable rejects opens a segment that
+retries only them.
 """
 
 from __future__ import annotations
@@ -16,22 +23,27 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
+from tasks import extend as growth
 from tasks import storage
 from tasks.ingest_config import IngestConfig
 from tasks.manifest import versions
 from tasks.run_options import EXECUTORS
 from tasks.shard_job import (PROPAGATE, OutputConflict, RunOptions, RunReport, Shard, ShardJob, describe,
                              is_transient, run_shard_job)
-from tasks.shards import ShardWriter, read_index, shard_name, shard_urls
+from tasks.shards import OK, ShardWriter, read_index, shard_name, shard_urls
 from tasks.sources import get_source
 from tasks.sources.base import Source, SourceItem
 
 log = logging.getLogger(__name__)
 
 DUPLICATE = "duplicate_source_id"
+DUPLICATE_CONTENT = "duplicate_content"
 MAX_CAPTION_CHARS = 4096
 
 
@@ -51,15 +63,20 @@ class IngestResult:
     shards_written: int = 0
     shards_skipped: int = 0
     seconds: float = 0.0
+    num_duplicates: int = 0  # inputs whose bytes were already in the output (index rows, status duplicate)
+    num_present: int = 0  # listed refs already in the output by source id (skipped, no new row)
+    num_retried: int = 0  # retryable rejects that a later shard tried again
 
     @property
     def images_per_second(self) -> float:
         return self.num_inputs / self.seconds if self.seconds else 0.0
 
     def summary(self) -> str:
-        return (f"{self.num_inputs} inputs -> {self.num_samples} samples + {self.num_rejects} rejects in "
+        dup = f" + {self.num_duplicates} duplicates" if self.num_duplicates else ""
+        present = f"; {self.num_present} listed inputs were already there" if self.num_present else ""
+        return (f"{self.num_inputs} inputs -> {self.num_samples} samples + {self.num_rejects} rejects{dup} in "
                 f"{len(self.shard_urls)} shards ({self.shards_written} written, {self.shards_skipped} already done) "
-                f"at {self.out_url}")
+                f"at {self.out_url}{present}")
 
 
 # ---------------------------------------------------------------------------------------- plan
@@ -81,35 +98,79 @@ class ShardPlan:
 def plan_shards(source: Source, shard_size: int, limit: int | None = None) -> list[ShardPlan]:
     """Consecutive runs of ``shard_size`` refs in listing order. A ref listed again is kept in the
     plan as a duplicate (it becomes a reject), so the count of inputs is the count of listed refs."""
-    plans: list[ShardPlan] = []
-    seen: set[str] = set()
+    return plan_refs(_listed(source, limit), shard_size)
+
+
+def _listed(source: Source, limit: int | None) -> Iterator[str]:
     for n, ref in enumerate(source.list_refs()):
         if limit is not None and n >= limit:
-            break
+            return
+        yield ref
+
+
+def plan_refs(refs: Iterator[str], shard_size: int, first: int = 0) -> list[ShardPlan]:
+    """:func:`plan_shards` over any refs, numbering the shards from ``first``."""
+    plans: list[ShardPlan] = []
+    seen: set[str] = set()
+    for ref in refs:
         if not plans or plans[-1].size == shard_size:
-            plans.append(ShardPlan(len(plans), [], []))
+            plans.append(ShardPlan(first + len(plans), [], []))
         (plans[-1].duplicates if ref in seen else plans[-1].load).append(ref)
         seen.add(ref)
     return plans
 
 
+def plan_extension(source: Source, shard_size: int, limit: int | None, existing: growth.Existing,
+                   listing: bool) -> tuple[list[ShardPlan], int]:
+    """A segment after ``existing``: its retryable rejects first, then (``listing``) the listed refs
+    the output does not hold. Returns the plans and how many listed refs were already there."""
+    present = 0
+    retry = set(existing.retry)
+
+    def refs() -> Iterator[str]:
+        nonlocal present
+        yield from existing.retry
+        if not listing:
+            return
+        for ref in _listed(source, limit):
+            if ref in existing.source_ids and ref not in retry:
+                present += 1
+                continue
+            if ref not in retry:
+                yield ref
+
+    plans = plan_refs(refs(), shard_size, first=existing.shards)
+    return plans, present
+
+
 # --------------------------------------------------------------------------------- one shard
 
 
-def process_shard(cfg: IngestConfig, plan: ShardPlan, input_hash: str | None = None) -> dict[str, Any]:
+def process_shard(cfg: IngestConfig, plan: ShardPlan, input_hash: str | None = None,
+                  known_content: np.ndarray | None = None) -> dict[str, Any]:
     """Write shard ``index`` (or skip it if committed). A bad input becomes a reject; a transient
-    read error (or a bug) raises, so the runner retries the shard."""
+    read error (or a bug) raises, so the runner retries the shard. An input whose bytes are in
+    ``known_content`` (the sorted hash prefixes of the samples of the output's earlier segments)
+    becomes a ``duplicate`` row."""
     from tasks.imaging import RejectError, prepare_image, prepare_label_map
 
     tar_url, index_url = shard_urls(storage.join(cfg.out_url, "shards"), plan.index)
     if storage.exists(index_url):
         return {"skipped": True, **_counts_of(index_url)}
     source = get_source(cfg.source_format, cfg.source_url, **cfg.source_options)
-    with ShardWriter(tar_url, index_url, input_hash=input_hash) as writer:
+    known = known_content if known_content is not None else np.zeros(0, dtype=np.uint64)
+    columns = {growth.CONTENT_HASH: pa.string()}
+    with ShardWriter(tar_url, index_url, columns, input_hash=input_hash) as writer:
         for item in _load_accounted(source, plan.load):
             key = sample_key(item.source_id)
             if item.error:
-                writer.add_reject(item.source_id, item.error, key, detail=item.meta.get("detail", ""))
+                writer.add_reject(item.source_id, item.error, key, detail=item.meta.get("detail", ""),
+                                  retryable=bool(item.meta.get("retryable")))
+                continue
+            digest = growth.content_hash(item.image) if item.image else ""
+            if digest and growth.contains(known, digest):
+                writer.add_duplicate(item.source_id, DUPLICATE_CONTENT, key, content_hash=digest,
+                                     detail="the same bytes are already in the output")
                 continue
             try:
                 if not item.image:
@@ -136,7 +197,7 @@ def process_shard(cfg: IngestConfig, plan: ShardPlan, input_hash: str | None = N
             except Exception as exc:  # noqa: BLE001 - a decoder's error on one input is that input's reject
                 writer.add_reject(item.source_id, "unexpected_error", key, detail=describe(exc))
                 continue
-            writer.add_sample(key, item.source_id, files, caption)
+            writer.add_sample(key, item.source_id, files, caption, content_hash=digest)
         for ref in plan.duplicates:
             writer.add_reject(ref, DUPLICATE, sample_key(ref))
         counts = writer.commit()
@@ -170,8 +231,9 @@ def _load_accounted(source: Source, refs: list[str]) -> Iterator[SourceItem]:
 
 def _counts_of(index_url: str) -> dict[str, int]:
     status = read_index(index_url).column("status").to_pylist()
-    ok = sum(1 for s in status if s == "ok")
-    return {"samples": ok, "rejects": len(status) - ok}
+    ok = sum(1 for s in status if s == OK)
+    dup = sum(1 for s in status if s == "duplicate")
+    return {"samples": ok, "rejects": len(status) - ok - dup, "duplicates": dup}
 
 
 # ------------------------------------------------------------------------------------- the job
@@ -184,6 +246,10 @@ class IngestJob(ShardJob):
     cfg: IngestConfig
     kind: str = "ingest"
     unit: str = "img"
+    extendable: bool = True
+    known_content: np.ndarray | None = None  # set by plan: the earlier segments' sample hash prefixes
+    present: int = 0  # set by plan: listed refs already in the output
+    segments: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def out_url(self) -> str:  # type: ignore[override]
@@ -195,39 +261,65 @@ class IngestJob(ShardJob):
     def identity(self) -> dict[str, Any]:
         return self.cfg.identity()
 
+    def begin(self, opts: RunOptions, finished: bool) -> None:
+        """On a finished output, ``extend`` opens a segment for new inputs and retryable rejects;
+        ``resume`` opens one for the retryable rejects alone, when there are any."""
+        self.segments = growth.segments(self.out_url)
+        if not finished or not (opts.extend or (opts.resume and growth.has_retryable_rejects(self.out_url))):
+            return
+        first = growth.committed_count(self.shards_url)
+        if first > self.segments[-1]["first_shard"] or self.segments[-1].get("listing", True) != opts.extend:
+            self.segments = growth.open_segment(self.out_url, first, listing=opts.extend)
+
     def plan(self) -> list[Shard]:
         source = get_source(self.cfg.source_format, self.cfg.source_url, **self.cfg.source_options)
-        return [self.shard(p.index, {"load": p.load, "duplicates": p.duplicates}, p.size)
-                for p in plan_shards(source, self.cfg.shard_size, self.cfg.limit)]
+        segment = (self.segments or growth.segments(self.out_url))[-1]
+        first = int(segment["first_shard"])
+        if first == 0:
+            return [self.shard(p.index, {"load": p.load, "duplicates": p.duplicates}, p.size)
+                    for p in plan_shards(source, self.cfg.shard_size, self.cfg.limit)]
+        existing = growth.scan(self.shards_url, first)
+        self.known_content = existing.content
+        plans, self.present = plan_extension(source, self.cfg.shard_size, self.cfg.limit, existing,
+                                             segment.get("listing", True))
+        kept = [Shard(i, None, 0, growth.kept_shard_hash(self.shards_url, i), self.shards_url) for i in range(first)]
+        return kept + [self.shard(p.index, {"load": p.load, "duplicates": p.duplicates, "after": first}, p.size)
+                       for p in plans]
 
     def process_shard(self, shard: Shard) -> dict[str, Any]:
         plan = ShardPlan(shard.index, list(shard.inputs["load"]), list(shard.inputs["duplicates"]))
-        return process_shard(self.cfg, plan, shard.input_hash)
+        return process_shard(self.cfg, plan, shard.input_hash, self.known_content)
 
     def finalize(self, report: RunReport) -> IngestResult:
         """The manifest (counts, config, versions, shards); the runner has written rejects.parquet."""
-        shards = [{"tar": f"shards/{shard_name(i)}.tar", "samples": ok, "rejects": rej}
+        shards = [{"tar": f"shards/{shard_name(i)}.tar", "samples": ok, "rejects": rej,
+                   "duplicates": report.shard_duplicates.get(i, 0)}
                   for i, ok, rej in report.shard_counts]
         reasons = report.reasons
         report.write_manifest({
             "kind": "cnc-ingest",
             "counts": {"inputs": report.inputs, "samples": report.samples, "rejects": len(report.rejects),
+                       "duplicates": report.duplicates, "retried": report.retried,
                        "rejects_by_reason": dict(sorted(reasons.items()))},
             "config": self.cfg.identity(),
             "versions": versions(),
+            "segments": [s["first_shard"] for s in self.segments or growth.segments(self.out_url)
+                         if s["first_shard"] == 0 or s["first_shard"] < len(report.shards)],  # not an empty one
             "shards": shards,
         })
         urls = [s.tar_url for s in report.committed]
         return IngestResult(self.cfg.out_url, report.inputs, report.samples, len(report.rejects), reasons, urls,
                             shards_written=len(report.written),
-                            shards_skipped=len(report.shards) - len(report.written) - len(report.failed))
+                            shards_skipped=len(report.shards) - len(report.written) - len(report.failed),
+                            num_duplicates=report.duplicates, num_present=self.present, num_retried=report.retried)
 
 
 # ------------------------------------------------------------------------------------- driver
 
 
 def run_ingest(source_format: str, source_url: str, out_url: str, *, size: int = 512, shard_size: int = 256,
-               quality: int = 95, min_side: int = 64, resume: bool = False, limit: int | None = None,
+               quality: int = 95, min_side: int = 64, resume: bool = False, extend: bool = False,
+               limit: int | None = None,
                progress: bool = False, on_shard: Callable[[dict[str, Any]], None] | None = None,
                executor: str = "ray", run_options: RunOptions | None = None, **source_options: Any) -> IngestResult:
     """Shard a source into WebDataset tars. See the module docstring.
@@ -236,15 +328,16 @@ def run_ingest(source_format: str, source_url: str, out_url: str, *, size: int =
     ``"processes"`` a pool of worker processes on this machine; ``"local"`` the shards one after
     another in this process (debugging, ``memory://`` URLs, baselines); ``"auto"`` picks one
     (:func:`tasks.shard_job.choose_executor`). All write the same bytes. ``run_options`` sets the runner's retries, timeout, lease and reject share
-    (:class:`tasks.shard_job.RunOptions`); ``executor``, ``resume``, ``progress`` and ``on_shard``
-    override its fields.
+    (:class:`tasks.shard_job.RunOptions`); ``executor``, ``resume``, ``extend``, ``progress`` and
+    ``on_shard`` override its fields. ``extend`` appends the source's new inputs to a finished output
+    (see the module docstring).
     """
     cfg = IngestConfig(source_format, source_url, out_url.rstrip("/"), size, shard_size, quality, min_side, limit,
                        dict(source_options))
     t0 = time.perf_counter()
     validate_inputs(cfg, executor)
-    opts = replace(run_options or RunOptions(), executor=executor, resume=resume, progress=progress,
-                   on_shard=on_shard)
+    opts = replace(run_options or RunOptions(), executor=executor, resume=resume, extend=extend,
+                   progress=progress, on_shard=on_shard)
     result = run_shard_job(IngestJob(cfg), opts)
     result.seconds = time.perf_counter() - t0
     return result

@@ -19,6 +19,7 @@ class RunOptions:
 
     executor: str = "auto"
     resume: bool = False
+    extend: bool = False  # a finished output takes new inputs as new shards after the existing ones
     progress: bool = False
     on_shard: Callable[[dict[str, Any]], None] | None = None
     max_attempts: int = 3  # per shard, counting the first

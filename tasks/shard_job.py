@@ -10,7 +10,9 @@ What a job supplies (subclass :class:`ShardJob`; the object must pickle, it trav
   :class:`tasks.shards.ShardWriter` that records the input hash); return its counts. Bad *inputs*
   become reject rows; an exception fails the *shard* (it is retried, then recorded as failed);
 - :meth:`ShardJob.finalize`: build the job's manifest and result from a :class:`RunReport`
-  (``report.manifest(...)`` adds the runner's fields and writes it).
+  (``report.manifest(...)`` adds the runner's fields and writes it);
+- optionally :meth:`ShardJob.begin`, told before the plan whether the output was finished and
+  what the options are: a job that can grow (ingest) opens a new *segment* there for ``extend``.
   A streaming job whose shards are not independent tasks (build-triplets) overrides
   :meth:`ShardJob.run_pending` instead of relying on :meth:`ShardJob.process_shard`.
 
@@ -19,9 +21,10 @@ What :func:`run_shard_job` guarantees, in order:
 1. the output's exclusive lease (:mod:`tasks.lease`): a second live run is refused, an expired
    lease is taken over; leftover ``.*.tmp-*`` files of dead runs are swept;
 2. the claim: ``_config.json`` is written on the first run; a different config is refused; an
-   unfinished output needs ``resume=True``;
+   unfinished output needs ``resume=True`` (and is refused with ``extend=True``: finish it first);
 3. the plan; committed shards (their index exists) are skipped after checking that their stored
-   input hash matches the plan (a changed source is refused, never silently mixed);
+   input hash matches the plan (a changed source is refused, never silently mixed). New shards
+   in a finished output of an ``extendable`` job are refused unless ``extend`` (or ``resume``) is set;
 4. pending shards run on the chosen executor (:func:`choose_executor`: ``ray`` plain Ray tasks,
    ``processes`` a pool of worker processes on this machine, ``local`` in order in this process;
    all write the same bytes), at most ``max_attempts`` times each, each attempt within
@@ -30,6 +33,9 @@ What :func:`run_shard_job` guarantees, in order:
    :class:`ShardJobFailed` naming it, after finishing every other shard;
 5. the finish: ``rejects.parquet`` from every committed index, then the job's manifest; a run
    whose rejects are all its inputs (or more than ``max_reject_share``) raises :class:`TooManyRejects`.
+   Index rows count as samples (``ok``), rejects or duplicates (``duplicate``: bytes already in the
+   output); a ``retryable`` reject followed by a later shard's row for the same source id (the
+   input was tried again) is replaced by that row, so ``samples + rejects + duplicates == inputs``.
 
 Every shard is committed atomically by its writer, so any crash costs at most a retry of the
 shards in flight, and the same inputs and config always give the same bytes on every executor.
@@ -54,7 +60,7 @@ from typing import Any
 from tasks import storage
 from tasks.lease import Lease, OutputBusy
 from tasks.run_options import EXECUTORS, RunOptions
-from tasks.shards import ShardWriter, read_index, read_input_hash, shard_urls
+from tasks.shards import DUPLICATE, OK, ShardWriter, read_index, read_input_hash, shard_urls
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +174,7 @@ class ShardJob:
     out_url: str = ""
     unit: str = "item"
     executors: tuple[str, ...] = ("ray", "processes", "local")  # what the job can run on
+    extendable: bool = False  # takes new inputs with ``extend``; a finished output refuses them otherwise
 
     def in_process_only(self) -> bool:
         """Whether the job reads or writes ``memory://`` (visible in this process only)."""
@@ -189,6 +196,10 @@ class ShardJob:
 
     def process_shard(self, shard: Shard) -> dict[str, int]:
         raise NotImplementedError
+
+    def begin(self, opts: RunOptions, finished: bool) -> None:
+        """Called under the lease, after the claim and before :meth:`plan`; ``finished`` says whether
+        the output held a finished run. The default does nothing."""
 
     def run_pending(self, pending: list[Shard], opts: RunOptions,
                     done: Callable[[Shard, dict[str, Any]], None], failed: Callable[[Shard, str], None]) -> None:
@@ -221,6 +232,8 @@ class RunReport:
     failed: dict[int, str] = field(default_factory=dict)
     rejects: list[dict[str, Any]] = field(default_factory=list)  # source_id, reason, shard, detail, retryable
     shard_counts: list[tuple[int, int, int]] = field(default_factory=list)  # (shard, samples, rejects)
+    shard_duplicates: dict[int, int] = field(default_factory=dict)  # shard -> duplicate rows
+    retried: int = 0  # retryable rejects replaced by a later shard's row for the same input
 
     @property
     def reasons(self) -> dict[str, int]:
@@ -231,9 +244,13 @@ class RunReport:
         return sum(s for _, s, _ in self.shard_counts)
 
     @property
+    def duplicates(self) -> int:
+        return sum(self.shard_duplicates.values())
+
+    @property
     def inputs(self) -> int:
         """Inputs of the committed shards (a failed shard's inputs are in ``failed_shards``)."""
-        return self.samples + len(self.rejects)
+        return self.samples + len(self.rejects) + self.duplicates
 
     @property
     def committed(self) -> list[Shard]:
@@ -250,13 +267,35 @@ class RunReport:
         return manifest
 
     def _gather(self) -> None:
+        """Read every committed index once, shard by shard (only the retryable rejects' ids are
+        held beyond a shard)."""
+        rejects: list[dict[str, Any] | None] = []
+        retryable: dict[str, tuple[int, int]] = {}  # source id -> (shard, position in rejects)
         for s in self.committed:
-            rows = read_index(s.index_url).to_pylist()
-            rej = [{"source_id": r["source_id"], "reason": r["reason"], "shard": s.index,
-                    "detail": r.get("detail") or "", "retryable": bool(r.get("retryable"))}
-                   for r in rows if r["status"] != "ok"]
-            self.rejects += rej
-            self.shard_counts.append((s.index, len(rows) - len(rej), len(rej)))
+            table = read_index(s.index_url)
+            rows = table.select([c for c in ("source_id", "status", "reason", "detail", "retryable")
+                                 if c in table.column_names]).to_pylist()
+            ok = dup = rej = 0
+            for r in rows:
+                earlier = retryable.get(r["source_id"])
+                if earlier is not None and earlier[0] < s.index:  # tried again: the later row counts
+                    rejects[earlier[1]] = None
+                    del retryable[r["source_id"]]
+                    self.retried += 1
+                if r["status"] == OK:
+                    ok += 1
+                elif r["status"] == DUPLICATE:
+                    dup += 1
+                else:
+                    rej += 1
+                    if r.get("retryable"):
+                        retryable[r["source_id"]] = (s.index, len(rejects))
+                    rejects.append({"source_id": r["source_id"], "reason": r["reason"], "shard": s.index,
+                                    "detail": r.get("detail") or "", "retryable": bool(r.get("retryable"))})
+            self.shard_counts.append((s.index, ok, rej))
+            if dup:
+                self.shard_duplicates[s.index] = dup
+        self.rejects += [r for r in rejects if r is not None]
 
     def _write_rejects(self) -> None:
         import pyarrow as pa
@@ -309,9 +348,14 @@ def run_shard_job(job: ShardJob, opts: RunOptions | None = None) -> Any:
     lease = Lease(job.out_url, opts.lease_seconds).acquire()
     try:
         sweep_temp_files(job.out_url)
-        claim_output(job, opts.resume)
+        claim_output(job, opts.resume, opts.extend)
+        finished = is_finished(job.out_url)
+        job.begin(opts, finished)
         shards = job.plan()
         pending = [s for s in shards if not _committed(s)]
+        if job.extendable and finished and pending and not (opts.extend or opts.resume):
+            raise OutputConflict(f"{job.out_url} holds a finished run and its input has {len(pending)} new "
+                                 f"shard(s); pass --extend to append them")
         executor, why = choose_executor(opts.executor, job, len(pending))
         opts = replace(opts, executor=executor)
         log.info("%s: %d of %d shards to do on %s (%s)", job.kind, len(pending), len(shards), executor, why)
@@ -360,15 +404,17 @@ def _check_reject_share(report: RunReport, opts: RunOptions, result: Any) -> Non
         raise TooManyRejects(f"{rejected} of {inputs} inputs were rejected ({share:.0%}): {top}", result)
 
 
-def claim_output(job: ShardJob, resume: bool) -> None:
-    """Write the job's identity on a first run; refuse another config, or an unfinished run without resume."""
+def claim_output(job: ShardJob, resume: bool, extend: bool = False) -> None:
+    """Write the job's identity on a first run; refuse another config, or an unfinished run without
+    resume (an unfinished run is finished with resume before it is extended)."""
     config_url = storage.join(job.out_url, CONFIG_FILE)
     wanted = json.loads(json.dumps(job.identity(), sort_keys=True, default=str))
     if storage.exists(config_url):
         if storage.read_json(config_url) != wanted:
             raise OutputConflict(f"{job.out_url} holds a run with a different config; use another --out")
         if not is_finished(job.out_url) and not resume:
-            raise OutputConflict(f"{job.out_url} holds an unfinished run; pass --resume to finish it")
+            also = " before extending it" if extend else ""
+            raise OutputConflict(f"{job.out_url} holds an unfinished run; pass --resume to finish it{also}")
         return
     storage.write_json(config_url, wanted)
 
@@ -388,7 +434,8 @@ def _committed(shard: Shard) -> bool:
     if found != shard.input_hash:
         raise OutputConflict(
             f"shard {shard.index} in {shard.shards_url} was made from other inputs than the source lists now "
-            f"(the source changed since that run); write to a new --out")
+            f"(the source changed since that run); write to a new --out, or add inputs with --extend "
+            f"after a finished run")
     return True
 
 

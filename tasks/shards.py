@@ -24,7 +24,7 @@ INDEX_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("source_id", pa.string()),
-        ("status", pa.string()),  # "ok" or "rejected"
+        ("status", pa.string()),  # "ok", "rejected" or "duplicate" (its bytes are already in the output)
         ("reason", pa.string()),  # "" for ok rows
         ("caption", pa.string()),
         ("bytes", pa.int64()),  # total bytes of the sample's files in the tar
@@ -32,6 +32,7 @@ INDEX_SCHEMA = pa.schema(
         ("retryable", pa.bool_()),  # a reject a later run may turn into a sample (a transient cause)
     ]
 )
+OK, REJECTED, DUPLICATE = "ok", "rejected", "duplicate"
 INPUT_HASH_KEY = b"cnc.input_hash"  # index metadata: the hash of the inputs the shard was planned from
 
 
@@ -92,8 +93,9 @@ class ShardWriter:
 
     @property
     def counts(self) -> dict[str, int]:
-        ok = sum(1 for r in self._rows if r["status"] == "ok")
-        return {"samples": ok, "rejects": len(self._rows) - ok}
+        ok = sum(1 for r in self._rows if r["status"] == OK)
+        dup = sum(1 for r in self._rows if r["status"] == DUPLICATE)
+        return {"samples": ok, "rejects": len(self._rows) - ok - dup, "duplicates": dup}
 
     def add_sample(self, key: str, source_id: str, files: Mapping[str, bytes], caption: str | None = None,
                    **extra: Any) -> None:
@@ -109,15 +111,21 @@ class ShardWriter:
             self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
             total += len(data)
         self._keys.add(key)
-        self._rows.append({"key": key, "source_id": source_id, "status": "ok", "reason": "",
+        self._rows.append({"key": key, "source_id": source_id, "status": OK, "reason": "",
                            "caption": caption or "", "bytes": total, "detail": "", "retryable": False, **extra})
 
     def add_reject(self, source_id: str, reason: str, key: str = "", *, detail: str = "", retryable: bool = False,
                    **extra: Any) -> None:
         """Record an input that is not a sample: ``reason`` is a short code, ``detail`` says more."""
-        self._rows.append({"key": key, "source_id": source_id, "status": "rejected", "reason": reason,
+        self._rows.append({"key": key, "source_id": source_id, "status": REJECTED, "reason": reason,
                            "caption": "", "bytes": 0, "detail": detail[:500], "retryable": bool(retryable),
                            **extra})
+
+    def add_duplicate(self, source_id: str, reason: str, key: str = "", *, detail: str = "", **extra: Any) -> None:
+        """Record an input that is already in the output under another name (the same bytes):
+        neither a sample nor a reject, counted as a duplicate."""
+        self._rows.append({"key": key, "source_id": source_id, "status": DUPLICATE, "reason": reason,
+                           "caption": "", "bytes": 0, "detail": detail[:500], "retryable": False, **extra})
 
     def commit(self) -> dict[str, int]:
         """Publish the tar, then the index (the commit marker). Returns the shard's counts."""

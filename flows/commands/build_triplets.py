@@ -26,6 +26,9 @@ def build_triplets(
     gpus_per_inpaint_actor: float = typer.Option(StageOptions.num_gpus, "--inpaint-gpus",
                                                  help="GPUs per inpainting actor"),
     resume: bool = typer.Option(False, "--resume", help="finish an unfinished run in --out"),
+    extend: bool = typer.Option(False, "--extend",
+                                help="append the source's new inputs to a finished output as new shards "
+                                     "(inputs already there are skipped; transient rejects are retried)"),
     executor: str = typer.Option(RunOptions.executor, "--executor",
                                  help="auto, ray (local Ray or RAY_ADDRESS), processes (a pool on this "
                                       "machine) or local (this process); auto says what it picked"),
@@ -59,10 +62,11 @@ def build_triplets(
         fail(str(exc).splitlines()[0])
     try:
         ingest = run_ingest(source_format, source, storage.join(out, "ingest"), size=size, shard_size=shard_size,
-                            limit=limit, resume=resume, progress=True, executor=executor, run_options=options)
+                            limit=limit, resume=resume, extend=extend, progress=True, executor=executor,
+                            run_options=options)
         typer.echo(f"ingest: {ingest.summary()}")
         result = run_triplets(ingest.out_url, storage.join(out, "triplets"), preset=preset, clip=clip,
-                              latents=latents, stages=stages, resume=resume, progress=True,
+                              latents=latents, stages=stages, resume=resume, extend=extend, progress=True,
                               executor="ray" if executor == "processes" else executor,
                               run_options=options)
     except (SourceError, OutputConflict, OutputBusy, ShardJobFailed, TripletsInputError, OSError, ValueError) as exc:

@@ -23,7 +23,9 @@ class SourceItem:
     """One input as read from its source, before any decoding.
 
     ``error`` set means the reader itself rejects the item (missing file, tied Pick-a-Pic pair,
-    NSFW flag, null bytes...): it becomes a reject record with that reason.
+    NSFW flag, null bytes...): it becomes a reject record with that reason; with
+    ``meta["retryable"]`` true it is a reject that ``--extend``/``--resume`` try again (its cause
+    may pass), and ``meta["detail"]`` says more.
     """
 
     source_id: str

@@ -22,7 +22,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from tasks.ingest import run_ingest
     from tasks.triplets.job import StageOptions, run_triplets
 
-    ing = dict(spec["ingest"])
+    ing = dict(spec["ingest"])  # "extend": true when the flow extends the output
     ingest = run_ingest(ing.pop("source_format"), ing.pop("source"), ing.pop("out"), resume=True, **ing)
     trip = dict(spec["triplets"])
     stages = {name: StageOptions(**opts) for name, opts in trip.pop("stages", {}).items()}

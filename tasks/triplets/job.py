@@ -14,6 +14,7 @@ is staged. Every source ends as a triplet or a reject: ingest rejects are carrie
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import time
@@ -64,9 +65,12 @@ class TripletsResult:
     preview_url: str | None = None
     shards_written: int = 0
     seconds: float = 0.0
+    manifest_sha256: str = ""  # of the manifest.json this run wrote (names the data a model was trained on)
+    num_duplicates: int = 0  # ingest duplicates carried over (--extend: bytes already in the output)
 
     def summary(self) -> str:
-        return (f"{self.num_sources} sources -> {self.num_triplets} triplets + {self.num_rejects} rejects in "
+        dup = f" + {self.num_duplicates} duplicates" if self.num_duplicates else ""
+        return (f"{self.num_sources} sources -> {self.num_triplets} triplets + {self.num_rejects} rejects{dup} in "
                 f"{len(self.shard_urls)} shards at {self.out_url}")
 
 
@@ -164,6 +168,7 @@ class TripletsJob(ShardJob):
     ingest_manifest: dict[str, Any]
     kind: str = "build-triplets"
     unit: str = "img"
+    extendable: bool = True
     executors: tuple[str, ...] = ("ray", "local")
     stage_seconds: Counter = field(default_factory=Counter)
 
@@ -178,11 +183,14 @@ class TripletsJob(ShardJob):
         return self.cfg.identity()
 
     def plan(self) -> list[Shard]:
+        """One shard per ingest shard; a grown ingest (``--extend``) adds shards after the existing ones."""
         ingest_shards = storage.join(self.cfg.ingest_url, "shards")
         out = []
         for i in range(len(self.ingest_manifest["shards"])):
-            rows = read_index(shard_urls(ingest_shards, i)[1]).select(["key", "source_id", "status", "reason"])
-            out.append(self.shard(i, rows.to_pylist(), rows.num_rows))
+            shard = self.shard(i, *_ingest_inputs(shard_urls(ingest_shards, i)[1]))
+            if storage.exists(shard.index_url):  # committed: only its input hash is checked, its rows not held
+                shard = replace(shard, inputs=None)
+            out.append(shard)
         return out
 
     def run_pending(self, pending: list[Shard], opts: RunOptions, done: Callable, failed: Callable) -> None:
@@ -199,17 +207,31 @@ class TripletsJob(ShardJob):
         return finalize(self.cfg, self.ingest_manifest, report, dict(self.stage_seconds))
 
 
+def _ingest_inputs(index_url: str) -> tuple[list[dict[str, Any]], int]:
+    """A triplet shard's inputs: its ingest shard's rows (key, source_id, status, reason, and
+    ``retryable`` only where true, so shards planned before that flag existed keep their hash)."""
+    table = read_index(index_url)
+    rows = table.select(["key", "source_id", "status", "reason"]).to_pylist()
+    if "retryable" in table.column_names:
+        for row, flag in zip(rows, table.column("retryable").to_pylist()):
+            if flag:
+                row["retryable"] = True
+    return rows, len(rows)
+
+
 # ------------------------------------------------------------------------------------- driver
 
 
 def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: bool = False,
                  latents: bool = False, stages: dict[str, StageOptions] | None = None, resume: bool = False,
-                 progress: bool = False, executor: str = "ray",
+                 extend: bool = False, progress: bool = False, executor: str = "ray",
                  on_shard: Callable[[int], None] | None = None,
                  run_options: RunOptions | None = None) -> TripletsResult:
     """Turn a finished ingest output into triplet shards. Idempotent and resumable per sample.
 
-    ``run_options`` sets the runner's retries, lease and reject share (:class:`tasks.shard_job.RunOptions`)."""
+    ``extend``: the ingest output has grown (``ingest --extend``); its new shards become new triplet
+    shards after the existing ones, which are kept as they are. ``run_options`` sets the runner's
+    retries, lease and reject share (:class:`tasks.shard_job.RunOptions`)."""
     t0 = time.perf_counter()
     cfg = TripletsConfig(ingest_url.rstrip("/"), out_url.rstrip("/"), preset, clip, latents, dict(stages or {}))
     ingest_manifest = _validate(cfg, executor)
@@ -217,7 +239,7 @@ def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: b
     executor, _why = choose_executor(executor, job)
     if executor == "ray":
         _plan_ray_pools(cfg, warn=True)  # a request that cannot fit fails here, before the output is claimed
-    opts = replace(run_options or RunOptions(), executor=executor, resume=resume, progress=progress,
+    opts = replace(run_options or RunOptions(), executor=executor, resume=resume, extend=extend, progress=progress,
                    on_shard=(lambda row: on_shard(row["shard"])) if on_shard else None)
     result = run_shard_job(job, opts)
     result.seconds = time.perf_counter() - t0
@@ -465,7 +487,8 @@ def finalize(cfg: TripletsConfig, ingest_manifest: dict, report: RunReport, stag
     rejects.parquet. Staging is removed once every shard is assembled."""
     from tasks.triplets.preview import write_contact_sheet
 
-    shards = [{"tar": f"shards/{shard_name(i)}.tar", "triplets": ok, "rejects": rej}
+    shards = [{"tar": f"shards/{shard_name(i)}.tar", "triplets": ok, "rejects": rej,
+               "duplicates": report.shard_duplicates.get(i, 0)}
               for i, ok, rej in report.shard_counts]
     reasons = report.reasons
     urls = [s.tar_url for s in report.committed]
@@ -473,7 +496,7 @@ def finalize(cfg: TripletsConfig, ingest_manifest: dict, report: RunReport, stag
     report.write_manifest({
         "kind": "cnc-triplets",
         "counts": {"sources": report.inputs, "triplets": report.samples, "rejects": len(report.rejects),
-                   "rejects_by_reason": dict(sorted(reasons.items()))},
+                   "duplicates": report.duplicates, "rejects_by_reason": dict(sorted(reasons.items()))},
         "ingest": {"url": cfg.ingest_url, "counts": ingest_manifest["counts"], "config": ingest_manifest["config"]},
         "config": cfg.identity(),
         "models": _preset_ids(cfg),
@@ -483,5 +506,7 @@ def finalize(cfg: TripletsConfig, ingest_manifest: dict, report: RunReport, stag
     })
     if not report.failed:
         _remove_staging(cfg.out_url)
+    digest = hashlib.sha256(storage.read_bytes(storage.join(cfg.out_url, "manifest.json"))).hexdigest()
     return TripletsResult(cfg.out_url, report.inputs, report.samples, len(report.rejects), reasons, urls,
-                          dict(defaultdict(float, stage_seconds)), preview, shards_written=len(report.written))
+                          dict(defaultdict(float, stage_seconds)), preview, shards_written=len(report.written),
+                          manifest_sha256=digest, num_duplicates=report.duplicates)

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tasks import storage
-from tasks.shards import ShardWriter, read_index, shard_name, shard_urls
+from tasks.shards import DUPLICATE, OK, ShardWriter, read_index, shard_name, shard_urls
 
 
 def staging_url(out_url: str, shard: int) -> str:
@@ -59,7 +59,8 @@ def _member_offsets(tar_url: str) -> dict[str, tuple[int, int]]:
 def assemble_shard(out_url: str, shard: int, expected: list[dict[str, Any]], input_hash: str | None = None
                    ) -> dict[str, int]:
     """Write final shard ``shard`` from its parts, in the order of ``expected`` (the ingest index
-    rows: key, source_id, status, reason). Ingest rejects stay rejects (reason ``ingest:...``).
+    rows: key, source_id, status, reason). Ingest rejects stay rejects (reason ``ingest:...``, retryable
+    as in the ingest) and ingest duplicates stay duplicates.
     Reads one sample at a time by tar offset, so memory stays bounded."""
     staged = staged_rows(out_url, shard)
     missing = [e["key"] for e in expected if e["status"] == "ok" and e["key"] not in staged]
@@ -69,8 +70,11 @@ def assemble_shard(out_url: str, shard: int, expected: list[dict[str, Any]], inp
     tar_url, index_url = shard_urls(storage.join(out_url, "shards"), shard)
     with ShardWriter(tar_url, index_url, input_hash=input_hash) as w:
         for e in expected:
-            if e["status"] != "ok":
-                w.add_reject(e["source_id"], f"ingest:{e['reason']}", e["key"])
+            if e["status"] == DUPLICATE:
+                w.add_duplicate(e["source_id"], f"ingest:{e['reason']}", e["key"])
+                continue
+            if e["status"] != OK:
+                w.add_reject(e["source_id"], f"ingest:{e['reason']}", e["key"], retryable=bool(e.get("retryable")))
                 continue
             row = staged[e["key"]]
             if row["status"] != "ok":

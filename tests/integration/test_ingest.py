@@ -41,7 +41,8 @@ def test_every_photo_becomes_a_sample_in_deterministic_shards(ingested):
     assert (result.num_inputs, result.num_samples, result.num_rejects) == (N, N, 0)
     assert len(result.shard_urls) == math.ceil(N / 2)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"] == {"inputs": N, "samples": N, "rejects": 0, "rejects_by_reason": {}}
+    assert manifest["counts"] == {"inputs": N, "samples": N, "rejects": 0, "duplicates": 0, "retried": 0,
+                                  "rejects_by_reason": {}}
     assert [s["samples"] for s in manifest["shards"]] == [2] * (N // 2) + [1] * (N % 2)
     index = pq.read_table(out / "shards" / "shard-000000.parquet").to_pylist()
     # listing order is sorted source ids; keys derive from them
