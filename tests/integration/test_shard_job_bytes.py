@@ -1,7 +1,9 @@
 """ingest and build-triplets write the same tar bytes on the shard-job runner as before it.
 
-The hashes were computed once with the code before the runner existed (commit e43feb0), from the
-inputs below, with the pinned versions of constraints/cpu.txt (Pillow's JPEG encoder and torch's
+The hashes were computed once with the code before the runner existed, from the inputs below:
+ingest's at commit e43feb0, the triplets' on the branch that changed the triplet stages to the
+official CnC rules (dilation window, U2-Net preprocessing) without the runner, so that the runner's
+share of the bytes is checked alone, with the pinned versions of constraints/cpu.txt (Pillow's JPEG encoder and torch's
 kernels shape the bytes: a version bump may need them recomputed, with the reason in the commit).
 """
 
@@ -21,8 +23,8 @@ pytestmark = pytest.mark.slow
 BEFORE_THE_RUNNER = {
     "ingest/shards/shard-000000.tar": "04d442077239afe12d6df5b705b3f9abd20a6c9c13fd2f6bfde9ef78300fab67",
     "ingest/shards/shard-000001.tar": "c19c06b9dc1c609c938ddabb8eff24ccfb3780d5b6250cd2f43d45a355ea539c",
-    "triplets/shards/shard-000000.tar": "0b3c9ac522caeba9bd1b415cfe382b0ea4ad0c740b7439bf31108a75a4747583",
-    "triplets/shards/shard-000001.tar": "550566886d5e0d0789cd4901fe608060c605f5b08cdde063eb4e8a46669a8811",
+    "triplets/shards/shard-000000.tar": "6f617eaf5becd987c1fb1034c662c5c78397161e4451aca47492ede0f57a774c",
+    "triplets/shards/shard-000001.tar": "51f36ca0a27241ce8bba1b25ba9cd332e20641da7d34bb9693825312b51460b7",
 }
 
 
