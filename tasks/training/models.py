@@ -75,19 +75,14 @@ def start_pipeline(cfg: TrainConfig) -> CnCPipeline:
 
 def load_init_weights(pipe: CnCPipeline, url: str, from_uni_controlnet: bool) -> None:
     """An official CnC (or Uni-ControlNet) checkpoint into the fusers it has keys for."""
-    from cnc_model.cnc.convert import convert_cnc_checkpoint, load_cnc_checkpoint
+    from cnc_model.cnc.convert import convert_cnc_checkpoint, load_cnc_checkpoint, read_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="cnc-init-") as tmp:
         local = posixpath.join(tmp, posixpath.basename(storage.get_fs(url)[1]))
         with open(local, "wb") as fh:
             fh.write(storage.read_bytes(url))
-        if local.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(local)
-        else:
-            state = torch.load(local, map_location="cpu", weights_only=True)
-    converted = convert_cnc_checkpoint(state, skip_feature_extractor=from_uni_controlnet)
+        state = read_checkpoint(local)  # safetensors, or a .ckpt through the weights-only allow-list
+    converted = convert_cnc_checkpoint(state, from_uni_controlnet=from_uni_controlnet)
     load_cnc_checkpoint(state, pipe.local_fuser if converted.local_fuser is not None else None,
                         pipe.global_fuser if converted.global_fuser is not None else None,
                         from_uni_controlnet=from_uni_controlnet)
