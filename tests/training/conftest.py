@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from tests.fixtures.triplets import write_triplet_shards
-from tests.integration.conftest import s3_bucket, s3_server  # noqa: F401 - fixtures shared with integration
 
 NUM_TRIPLETS = 8
 
@@ -19,9 +18,6 @@ def triplets(tmp_path_factory) -> tuple[str, list[str]]:
 
 
 @pytest.fixture(scope="session")
-def ray_two_cpus(s3_server):  # noqa: F811 - workers inherit the S3 server's variables
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+def ray_two_cpus(ray_local):
+    """The suite's local Ray (2 CPUs, the S3 server's variables in its workers)."""
+    return ray_local
