@@ -214,6 +214,18 @@ def prepare_image(data: bytes, size: int = 512, *, min_side: int = 64, max_pixel
     )
 
 
+def unit_array(image: Image.Image) -> np.ndarray:
+    """A condition image (depth map, mask) as float32 in [0, 1]: 16-bit images keep their
+    precision, float images are min-max scaled, anything else goes through RGB / 255."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        span = float(array.max() - array.min()) or 1.0
+        return (array - array.min()) / span
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
 def things_mask(label_map: Image.Image) -> Image.Image:
     """COCO-Stuff label map (L/P, pixel = category id - 1) -> L mask, 255 on the 80 things classes."""
     return label_map.point(_THINGS_LUT)

@@ -50,3 +50,13 @@ def quiet_ray_data() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+def ray_metrics():
+    """``ray.util.metrics`` inside an initialised Ray (a worker or a driver), else None: the jobs'
+    custom metrics are optional outside Ray."""
+    if not ray.is_initialized():
+        return None
+    from ray.util import metrics
+
+    return metrics

@@ -12,21 +12,15 @@ def _read_image(path: Optional[Path], option: str):
     """A PIL image -> float array in [0, 1] (16-bit PNGs keep their precision); None passes."""
     if path is None:
         return None
-    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     from flows.errors import fail
+    from tasks.imaging import unit_array
 
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in ("I", "I;16", "I;16B", "I;16L"):
-                return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
-            if image.mode == "F":
-                array = np.asarray(image, dtype=np.float32)
-                span = float(array.max() - array.min()) or 1.0
-                return (array - array.min()) / span
-            return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+            return unit_array(image)
     except FileNotFoundError:
         fail(f"{option} {path}: no such file")
     except (UnidentifiedImageError, OSError) as exc:

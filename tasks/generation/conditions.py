@@ -12,6 +12,7 @@ from PIL import Image
 
 from tasks import storage
 from tasks.generation.rows import RowError
+from tasks.imaging import unit_array
 
 MAX_CONDITION_BYTES = 64 * 1024 * 1024
 MAX_CONDITION_PIXELS = 4096 * 4096
@@ -64,10 +65,4 @@ def read_condition(url: str, name: str) -> np.ndarray | Image.Image:
         raise RowError("corrupt_condition", f"{name} {url}: not a readable image ({type(exc).__name__})") from None
     if name not in _SPATIAL:
         return image.convert("RGB")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
-        return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)
-    if image.mode == "F":
-        array = np.asarray(image, dtype=np.float32)
-        span = float(array.max() - array.min()) or 1.0
-        return (array - array.min()) / span
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return unit_array(image)

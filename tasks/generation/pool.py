@@ -17,22 +17,18 @@ class JobMetrics:
     done, images, rejects by reason, and images/s of the last group. No-ops outside Ray."""
 
     def __init__(self, kind: str) -> None:
-        self.tags = {"kind": kind}
-        try:
-            import ray
-            from ray.util.metrics import Counter, Gauge
+        from tasks.ray_runtime import ray_metrics
 
-            if not ray.is_initialized():
-                raise RuntimeError
-        except Exception:  # noqa: BLE001 - metrics are optional outside Ray
-            self.enabled = False
+        self.tags = {"kind": kind}
+        metrics = ray_metrics()
+        self.enabled = metrics is not None
+        if not self.enabled:
             return
-        self.enabled = True
-        self.rows = Counter("cnc_generation_rows_total", "rows done (image or reject)", tag_keys=("kind",))
-        self.images = Counter("cnc_generation_images_total", "images made", tag_keys=("kind",))
-        self.rejects = Counter("cnc_generation_rejects_total", "rows rejected", tag_keys=("kind", "reason"))
-        self.rate = Gauge("cnc_generation_images_per_second", "an actor's images/s on its last group",
-                          tag_keys=("kind",))
+        self.rows = metrics.Counter("cnc_generation_rows_total", "rows done (image or reject)", tag_keys=("kind",))
+        self.images = metrics.Counter("cnc_generation_images_total", "images made", tag_keys=("kind",))
+        self.rejects = metrics.Counter("cnc_generation_rejects_total", "rows rejected", tag_keys=("kind", "reason"))
+        self.rate = metrics.Gauge("cnc_generation_images_per_second", "an actor's images/s on its last group",
+                                  tag_keys=("kind",))
 
     def record(self, results: list[dict[str, Any]], images: int, seconds: float) -> None:
         if not self.enabled:

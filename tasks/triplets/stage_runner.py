@@ -23,17 +23,14 @@ class _StageMetrics:
     """Ray custom metrics for one stage (no-ops outside a Ray worker)."""
 
     def __init__(self, stage: str):
-        self.tags = {"stage": stage}
-        try:
-            import ray
-            from ray.util.metrics import Counter, Gauge, Histogram
+        from tasks.ray_runtime import ray_metrics
 
-            if not ray.is_initialized():
-                raise RuntimeError
-        except Exception:  # noqa: BLE001 - metrics are optional outside Ray
-            self.enabled = False
+        self.tags = {"stage": stage}
+        metrics = ray_metrics()
+        self.enabled = metrics is not None
+        if not self.enabled:
             return
-        self.enabled = True
+        Counter, Gauge, Histogram = metrics.Counter, metrics.Gauge, metrics.Histogram
         self.samples = Counter("cnc_triplets_samples_total", "samples through a stage", tag_keys=("stage",))
         self.rejects = Counter("cnc_triplets_rejects_total", "rejects made by a stage", tag_keys=("stage", "reason"))
         self.rate = Gauge("cnc_triplets_samples_per_second", "a stage's throughput on its last batch",
