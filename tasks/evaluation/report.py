@@ -38,7 +38,7 @@ def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 def render_figure(metrics: dict[str, Any], samples: dict[str, list[bytes]], tile: int = 96) -> Image.Image:
     """Bars per setting for each metric (values printed on them), then sample images per setting."""
     names = list(metrics["settings"])
-    bar_w, chart_h, pad = 40, 140, 24
+    bar_w, chart_h, pad = 52, 140, 24
     chart_w = pad + len(names) * (bar_w + 12)
     grid_cols = max((len(v) for v in samples.values()), default=0)
     width = max(len(METRICS) * chart_w + pad, 110 + grid_cols * tile, 360)
@@ -60,7 +60,7 @@ def render_figure(metrics: dict[str, Any], samples: dict[str, list[bytes]], tile
                 h = int((chart_h - 30) * abs(v) / top)
                 draw.rectangle([bx, base - h, bx + bar_w, base], fill=_COLOURS[i % len(_COLOURS)])
                 draw.text((bx, base - h - 12), f"{v:.3g}", fill="black")
-            draw.text((bx, base + 4), name[:7], fill="black")
+            draw.text((bx, base + 4), name[:8], fill="black")
     y = 28 + chart_h + 40
     for name in names:
         draw.text((8, y + tile // 2 - 6), name[:14], fill="black")
