@@ -151,3 +151,20 @@ class SharedPipelineMixin:
         if "generator" in params:
             kwargs["generator"] = generator
         return kwargs
+
+    def step_callback(self, callback: Any, step: int, timestep: torch.Tensor, names: list[str],
+                      scope: dict[str, Any]) -> dict[str, Any]:
+        """diffusers' ``callback_on_step_end(pipe, step, timestep, callback_kwargs)``: the tensors
+        named in ``names`` are taken from ``scope`` (the loop's ``locals()``); returns what the
+        callback gives back (a ``latents`` entry replaces the loop's)."""
+        return callback(self, step, timestep, {name: scope[name] for name in names})
+
+    def decode_latents_to_images(self, latents: torch.Tensor, output_type: str,
+                                 generator: torch.Generator | list[torch.Generator] | None) -> Any:
+        """The VAE decode and post-processing at the end of a run, as StableDiffusionPipeline does;
+        ``output_type="latent"`` returns the latents."""
+        if output_type == "latent":
+            return latents
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        return self.image_processor.postprocess(image, output_type=output_type,
+                                                do_denormalize=[True] * image.shape[0])

@@ -556,18 +556,12 @@ class CnCPipeline(SharedPipelineMixin, DiffusionPipeline, StableDiffusionMixin):
                 noise_pred = plan.compose(noise_pred, i, len(timesteps))
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for name in callback_on_step_end_tensor_inputs:  # locals(): not in a comprehension
-                        callback_kwargs[name] = locals()[name]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    callback_outputs = self.step_callback(callback_on_step_end, i, t,
+                                                          callback_on_step_end_tensor_inputs, locals())
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()
 
-        if output_type == "latent":
-            image = latents
-        else:
-            image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-            image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
+        image = self.decode_latents_to_images(latents, output_type, generator)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image, None)
