@@ -1,4 +1,4 @@
-"""Prefect flow ``ingest``: source images -> WebDataset shards, as one Ray Data job."""
+"""Prefect flow ``ingest``: source images -> WebDataset shards, on Ray or a process pool."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from flows.params import IngestParams
 
 @task(name="ingest-shards", retries=2, retry_delay_seconds=5)
 def ingest_shards(params: IngestParams) -> dict[str, Any]:
-    """Runs the whole Ray Data job. A retry resumes: committed shards are skipped."""
+    """Runs the whole ingest job. A retry resumes: committed shards are skipped."""
     from tasks.ingest import run_ingest
 
     result = run_ingest(params.source_format, params.source, params.out, size=params.size,
                         shard_size=params.shard_size, quality=params.quality, limit=params.limit, resume=True,
-                        extend=params.extend)
+                        extend=params.extend, executor=params.executor)
     return asdict(result)
 
 

@@ -7,9 +7,13 @@ from typing import Literal, Optional
 from pydantic import BaseModel, Field
 
 from tasks.ingest_config import IngestConfig
+from tasks.run_options import RunOptions
 from tasks.triplets.config import INPAINT_STEPS, StageOptions, TripletsConfig
 
 SourceFormat = Literal["folder", "coco-stuff", "pickapic", "webdataset"]
+Executor = Literal["auto", "ray", "processes", "local"]
+EXECUTOR_HELP = ("auto: Ray with RAY_ADDRESS (or GPU stages), else a pool of worker processes on this machine; "
+                 "ray, processes or local (this process) to choose")
 
 
 class IngestParams(BaseModel):
@@ -23,6 +27,7 @@ class IngestParams(BaseModel):
     quality: int = Field(IngestConfig.quality, ge=50, le=100, description="JPEG quality of the crops")
     limit: Optional[int] = Field(None, ge=1, description="only the first N inputs (for trials)")
     extend: bool = Field(False, description="append the source's new inputs to a finished output as new shards")
+    executor: Executor = Field(RunOptions.executor, description=EXECUTOR_HELP)
 
 
 class StageParams(BaseModel):
@@ -58,3 +63,4 @@ class BuildTripletsParams(BaseModel):
                           "training)")
     stages: dict[str, StageParams] = Field(default_factory=dict,
                                            description="per-stage resources, e.g. {'inpaint': {'num_gpus': 1}}")
+    executor: Executor = Field(RunOptions.executor, description=EXECUTOR_HELP)

@@ -1,8 +1,8 @@
-"""Prefect flow ``build-triplets``: ingest, then the model stages as one Ray Data job.
+"""Prefect flow ``build-triplets``: ingest, then the model stages.
 
-Locally (and wherever ``CNC_RAY_JOBS_ADDRESS`` is unset) the two jobs run from this process on
-the Ray at ``RAY_ADDRESS`` (or a local one). With ``CNC_RAY_JOBS_ADDRESS`` set to a cluster's
-dashboard (``http://head:8265``), both run as one job submitted through the Ray Jobs API: a
+Locally (and wherever ``CNC_RAY_JOBS_ADDRESS`` is unset) the two jobs run from this process, on
+the Ray at ``RAY_ADDRESS`` or, without it, on a pool of worker processes (``executor``). With
+``CNC_RAY_JOBS_ADDRESS`` set to a cluster's dashboard (``http://head:8265``), both run as one job submitted through the Ray Jobs API: a
 dropped connection no longer ends the job, a re-run of the flow follows the job it started, and a
 cancelled flow run stops it (``tasks.ray_jobs``).
 """
@@ -47,7 +47,7 @@ def triplet_stages(params: BuildTripletsParams, ingest_url: str) -> dict[str, An
 
     result = run_triplets(ingest_url, storage.join(params.out, "triplets"), preset=params.preset, clip=params.clip,
                           latents=params.latents, stages=triplet_stage_options(params), resume=True,
-                          extend=params.extend)
+                          extend=params.extend, executor=params.executor)
     return asdict(result)
 
 
@@ -126,7 +126,8 @@ def build_triplets(params: BuildTripletsParams) -> dict[str, Any]:
     else:
         ingest_params = IngestParams(source_format=params.source_format, source=params.source,
                                      out=storage.join(params.out, "ingest"), size=params.size,
-                                     shard_size=params.shard_size, limit=params.limit, extend=params.extend)
+                                     shard_size=params.shard_size, limit=params.limit, extend=params.extend,
+                                     executor=params.executor)
         ingest = ingest_shards(ingest_params)
         result = triplet_stages(params, ingest_params.out)
     counts = {"sources": result["num_sources"], "triplets": result["num_triplets"], "rejects": result["num_rejects"],

@@ -197,6 +197,11 @@ class ShardJob:
     def process_shard(self, shard: Shard) -> dict[str, int]:
         raise NotImplementedError
 
+    def parallel_units(self, pending: list[Shard]) -> int:
+        """How many pieces of work the pending shards can be split into (``auto`` starts no worker
+        for one). The default: one per shard."""
+        return len(pending)
+
     def begin(self, opts: RunOptions, finished: bool) -> None:
         """Called under the lease, after the claim and before :meth:`plan`; ``finished`` says whether
         the output held a finished run. The default does nothing."""
@@ -313,8 +318,9 @@ class RunReport:
 
 def choose_executor(requested: str, job: ShardJob, num_pending: int | None = None) -> tuple[str, str]:
     """(executor, why): ``requested`` unless it is ``auto``. Auto: Ray when a cluster is given
-    (``RAY_ADDRESS``, or Ray already started in this process); else this process for memory://
-    URLs or a single shard; else a process pool, which starts in well under a second where a
+    (``RAY_ADDRESS``, or Ray already started in this process) or the job needs Ray's pools; else
+    this process for memory:// URLs or a single piece of work (``num_pending``:
+    :meth:`ShardJob.parallel_units`); else a process pool, which starts in well under a second where a
     local Ray costs ~10 CPU-seconds (docs/benchmarks.md)."""
     if requested not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {requested!r}")
@@ -327,9 +333,9 @@ def choose_executor(requested: str, job: ShardJob, num_pending: int | None = Non
     if os.environ.get("RAY_ADDRESS") or _ray_running():
         return "ray", "RAY_ADDRESS is set" if os.environ.get("RAY_ADDRESS") else "Ray is running in this process"
     if "processes" not in job.executors:
-        return "ray", f"{job.kind} runs its pools on Ray"
+        return "ray", f"{job.kind} with these options runs its pools on Ray"
     if num_pending is not None and num_pending <= 1 or (os.cpu_count() or 1) == 1:
-        return "local", "one shard (or one core): no worker to start"
+        return "local", "one piece of work (or one core): no worker to start"
     return "processes", "one machine and no RAY_ADDRESS: a process pool (use --executor ray for Ray)"
 
 
@@ -356,7 +362,7 @@ def run_shard_job(job: ShardJob, opts: RunOptions | None = None) -> Any:
         if job.extendable and finished and pending and not (opts.extend or opts.resume):
             raise OutputConflict(f"{job.out_url} holds a finished run and its input has {len(pending)} new "
                                  f"shard(s); pass --extend to append them")
-        executor, why = choose_executor(opts.executor, job, len(pending))
+        executor, why = choose_executor(opts.executor, job, job.parallel_units(pending))
         opts = replace(opts, executor=executor)
         log.info("%s: %d of %d shards to do on %s (%s)", job.kind, len(pending), len(shards), executor, why)
         if opts.announce and pending:

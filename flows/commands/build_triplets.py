@@ -36,9 +36,10 @@ def build_triplets(
                                                      help="fail a step above this share of rejects "
                                                           "(default: only when every input is rejected)"),
 ) -> None:
-    """Source images -> CnC triplets (fg, inpainted bg, mask, depth maps) on Ray.
+    """Source images -> CnC triplets (fg, inpainted bg, mask, depth maps).
 
-    ``--executor`` applies to the ingest step; the model stages run on Ray (``local``: in this process)."""
+    ``--executor`` runs both steps: ``auto`` picks Ray with RAY_ADDRESS or GPU stages, else a pool
+    of worker processes on this machine (no Ray start); it says what it picked."""
     from flows.run_options import run_options
     from flows.errors import fail, fail_with
     from tasks import storage
@@ -67,10 +68,12 @@ def build_triplets(
         typer.echo(f"ingest: {ingest.summary()}")
         result = run_triplets(ingest.out_url, storage.join(out, "triplets"), preset=preset, clip=clip,
                               latents=latents, stages=stages, resume=resume, extend=extend, progress=True,
-                              executor="ray" if executor == "processes" else executor,
+                              executor=executor,
                               run_options=options)
     except (SourceError, OutputConflict, OutputBusy, ShardJobFailed, TripletsInputError, OSError, ValueError) as exc:
         fail_with(exc)
     typer.echo(f"triplets: {result.summary()}")
+    typer.echo(f"triplets: {result.num_sources / max(result.seconds, 1e-9):.2f} sources/s over {result.seconds:.1f} s "
+               f"on {result.executor}")
     if result.preview_url:
         typer.echo(f"contact sheet: {result.preview_url}")

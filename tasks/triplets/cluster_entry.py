@@ -22,9 +22,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from tasks.ingest import run_ingest
     from tasks.triplets.job import StageOptions, run_triplets
 
-    ing = dict(spec["ingest"])  # "extend": true when the flow extends the output
+    # "extend": true when the flow extends the output. A Ray job runs on the cluster it was submitted
+    # to, whatever auto would pick, unless the spec names an executor.
+    ing = {"executor": "ray", **spec["ingest"]}
     ingest = run_ingest(ing.pop("source_format"), ing.pop("source"), ing.pop("out"), resume=True, **ing)
-    trip = dict(spec["triplets"])
+    trip = {"executor": "ray", **spec["triplets"]}
     stages = {name: StageOptions(**opts) for name, opts in trip.pop("stages", {}).items()}
     result = run_triplets(ingest.out_url, trip.pop("out"), stages=stages, resume=True, **trip)
     return {"ingest": asdict(ingest), "triplets": asdict(result)}

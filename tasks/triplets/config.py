@@ -42,6 +42,10 @@ class TripletsConfig:
     def options(self, name: str) -> StageOptions:
         return self.stages.get(name, StageOptions())
 
+    def needs_ray(self) -> bool:
+        """Whether a stage asks for what only Ray's actor pools give: GPUs, pool sizes or memory."""
+        return any(o.num_gpus or o.min_actors or o.max_actors or o.memory_gib for o in self.stages.values())
+
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("out_url")

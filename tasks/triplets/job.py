@@ -1,9 +1,13 @@
-"""build-triplets: ingested shards -> CnC triplet shards, as one streaming Ray Data job.
+"""build-triplets: ingested shards -> CnC triplet shards, streamed through the model stages.
 
     ingest shards ─read─▶ saliency ─▶ [mask filter ▶ foreground ▶ inpaint] ─▶ depth ─▶ [clip] ─stage─▶ assemble
                           (each model stage is an actor pool: the model loads once per actor; the
                            numpy-only stages run inside the inpainting actors; the last pool stages
                            its results itself. Pool sizes: :mod:`tasks.triplets.resources`)
+
+On one machine without a cluster (``executor`` ``processes``, what ``auto`` picks there) the same
+stages run in a pool of spawned worker processes instead: each loads the models once and runs every
+stage on its share of a shard (no Ray start, every core busy even for one shard).
 
 Samples travel as encoded bytes. Finished batches are staged at once (see
 :mod:`tasks.triplets.staging`); a shard is assembled, in ingest order, as soon as its last sample
@@ -17,6 +21,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -51,6 +56,7 @@ OUTPUT_FILES = {
 }
 MALFORMED = "malformed_ingest_sample"
 _INTERNAL = {"key", "source_id", "txt", "reject", "shard", "dilated_png", *OUTPUT_FILES}
+_BOOKKEEPING = ("_t_", "_w_")  # per-row stage seconds and the worker that ran a stage: never stored
 
 
 @dataclass
@@ -67,11 +73,16 @@ class TripletsResult:
     seconds: float = 0.0
     manifest_sha256: str = ""  # of the manifest.json this run wrote (names the data a model was trained on)
     num_duplicates: int = 0  # ingest duplicates carried over (--extend: bytes already in the output)
+    executor: str = ""
+    # stage -> how many processes (Ray actors or pool workers) ran it in this run
+    stage_workers: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         dup = f" + {self.num_duplicates} duplicates" if self.num_duplicates else ""
+        workers = self.stage_workers.get("inpaint")
+        on = f" ({workers} inpainting workers)" if workers else ""
         return (f"{self.num_sources} sources -> {self.num_triplets} triplets + {self.num_rejects} rejects{dup} in "
-                f"{len(self.shard_urls)} shards at {self.out_url}")
+                f"{len(self.shard_urls)} shards at {self.out_url}{on}")
 
 
 class TripletsInputError(ValueError):
@@ -120,7 +131,7 @@ def _flat_read(item: dict[str, Any], ingest_url: str) -> Iterator[dict[str, Any]
 def batch_to_rows(batch: dict[str, np.ndarray], preset_ids: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Finished stage columns -> rows for :func:`staging.write_part` (files keyed by sample name)."""
     n = len(batch["key"])
-    extra_cols = [c for c in batch if c not in _INTERNAL and not c.startswith("_t_")]
+    extra_cols = [c for c in batch if c not in _INTERNAL and not c.startswith(_BOOKKEEPING)]
     for i in range(n):
         reject = str(batch["reject"][i] or "")
         files: dict[str, bytes] = {}
@@ -141,17 +152,20 @@ def batch_to_rows(batch: dict[str, np.ndarray], preset_ids: dict[str, Any]) -> I
 
 
 def stage_batch(batch: dict[str, np.ndarray], out_url: str, preset_ids: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Write a finished batch as one part per shard; report (shard, count, stage seconds)."""
+    """Write a finished batch as one part per shard; report (shard, count, stage seconds, the
+    workers that ran each stage)."""
     shards = np.asarray(batch["shard"]).astype(np.int64)
     rows = list(batch_to_rows(batch, preset_ids))
     timing_cols = [c for c in batch if c.startswith("_t_")]
-    out: dict[str, list] = {"shard": [], "n": [], "timings": []}
+    worker_cols = [c for c in batch if c.startswith("_w_")]
+    out: dict[str, list] = {"shard": [], "n": [], "timings": [], "workers": []}
     for s in sorted(set(shards.tolist())):
         idx = np.nonzero(shards == s)[0]
         staging.write_part(out_url, s, [rows[i] for i in idx])
         out["shard"].append(s)
         out["n"].append(len(idx))
         out["timings"].append(json.dumps({c[3:]: float(np.sum(batch[c][idx])) for c in timing_cols}))
+        out["workers"].append(json.dumps({c[3:]: sorted({str(w) for w in batch[c][idx]}) for c in worker_cols}))
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -161,16 +175,23 @@ def stage_batch(batch: dict[str, np.ndarray], out_url: str, preset_ids: dict[str
 @dataclass
 class TripletsJob(ShardJob):
     """build-triplets as a :class:`tasks.shard_job.ShardJob`: triplet shard ``i`` is made from
-    ingest shard ``i`` (its index rows are the shard's inputs). The shards run as one streaming
-    Ray Data job (or in this process), so the job supplies :meth:`run_pending`."""
+    ingest shard ``i`` (its index rows are the shard's inputs). The shards stream through the
+    stages as one Ray Data job, a process pool or this process, so the job supplies
+    :meth:`run_pending`."""
 
     cfg: TripletsConfig
     ingest_manifest: dict[str, Any]
     kind: str = "build-triplets"
     unit: str = "img"
     extendable: bool = True
-    executors: tuple[str, ...] = ("ray", "local")
     stage_seconds: Counter = field(default_factory=Counter)
+    stage_workers: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    executor: str = ""
+
+    @property
+    def executors(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Actor-pool settings (GPUs, pool sizes, memory) are Ray's: such a job runs on Ray or here."""
+        return ("ray", "local") if self.cfg.needs_ray() else ("ray", "processes", "local")
 
     @property
     def out_url(self) -> str:  # type: ignore[override]
@@ -181,6 +202,11 @@ class TripletsJob(ShardJob):
 
     def identity(self) -> dict[str, Any]:
         return self.cfg.identity()
+
+    def parallel_units(self, pending: list[Shard]) -> int:
+        """Model batches to do: a one-shard job of many batches still keeps every worker busy."""
+        bs = self.cfg.options("inpaint").batch_size
+        return sum(-(-(s.size or 0) // bs) for s in pending)
 
     def plan(self) -> list[Shard]:
         """One shard per ingest shard; a grown ingest (``--extend``) adds shards after the existing ones."""
@@ -194,17 +220,29 @@ class TripletsJob(ShardJob):
         return out
 
     def run_pending(self, pending: list[Shard], opts: RunOptions, done: Callable, failed: Callable) -> None:
+        self.executor = opts.executor
         todo: dict[int, set[str]] = {}
         for s in pending:
             staged = set(staging.staged_rows(self.cfg.out_url, s.index))
             todo[s.index] = {r["key"] for r in s.inputs if r["status"] == "ok"} - staged
+
+        def ran(timings: dict[str, float], workers: dict[str, list[str]]) -> None:
+            self.stage_seconds.update(timings)
+            for stage, ids in workers.items():
+                self.stage_workers[stage].update(ids)
+
         if opts.executor == "ray":
-            _run_on_ray(self.cfg, pending, todo, self.stage_seconds, opts, done, failed)
+            _run_on_ray(self.cfg, pending, todo, ran, opts, done, failed)
+        elif opts.executor == "processes":
+            _run_in_processes(self.cfg, pending, todo, ran, opts, done, failed)
         else:
-            _run_local(self.cfg, pending, todo, self.stage_seconds, done, failed)
+            _run_local(self.cfg, pending, todo, ran, done, failed)
 
     def finalize(self, report: RunReport) -> TripletsResult:
-        return finalize(self.cfg, self.ingest_manifest, report, dict(self.stage_seconds))
+        result = finalize(self.cfg, self.ingest_manifest, report, dict(self.stage_seconds))
+        result.executor = self.executor or report.executor
+        result.stage_workers = {k: len(v) for k, v in sorted(self.stage_workers.items())}
+        return result
 
 
 def _ingest_inputs(index_url: str) -> tuple[list[dict[str, Any]], int]:
@@ -224,20 +262,21 @@ def _ingest_inputs(index_url: str) -> tuple[list[dict[str, Any]], int]:
 
 def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: bool = False,
                  latents: bool = False, stages: dict[str, StageOptions] | None = None, resume: bool = False,
-                 extend: bool = False, progress: bool = False, executor: str = "ray",
+                 extend: bool = False, progress: bool = False, executor: str = "auto",
                  on_shard: Callable[[int], None] | None = None,
                  run_options: RunOptions | None = None) -> TripletsResult:
     """Turn a finished ingest output into triplet shards. Idempotent and resumable per sample.
 
     ``extend``: the ingest output has grown (``ingest --extend``); its new shards become new triplet
     shards after the existing ones, which are kept as they are. ``run_options`` sets the runner's
-    retries, lease and reject share (:class:`tasks.shard_job.RunOptions`)."""
+    retries, lease and reject share (:class:`tasks.shard_job.RunOptions`). ``executor``: ``auto``
+    (Ray with ``RAY_ADDRESS`` or GPU stages, else a process pool on this machine), ``ray``,
+    ``processes`` or ``local``; all write the same bytes."""
     t0 = time.perf_counter()
     cfg = TripletsConfig(ingest_url.rstrip("/"), out_url.rstrip("/"), preset, clip, latents, dict(stages or {}))
     ingest_manifest = _validate(cfg, executor)
     job = TripletsJob(cfg, ingest_manifest)
-    executor, _why = choose_executor(executor, job)
-    if executor == "ray":
+    if choose_executor(executor, job)[0] == "ray":  # the runner makes the final choice (and says why)
         _plan_ray_pools(cfg, warn=True)  # a request that cannot fit fails here, before the output is claimed
     opts = replace(run_options or RunOptions(), executor=executor, resume=resume, extend=extend, progress=progress,
                    on_shard=(lambda row: on_shard(row["shard"])) if on_shard else None)
@@ -249,10 +288,13 @@ def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: b
 def _validate(cfg: TripletsConfig, executor: str) -> dict[str, Any]:
     from cnc_model.presets import get_preset
 
-    if executor not in ("auto", "ray", "local"):
-        raise ValueError(f"build-triplets runs on ray or local (or auto), not {executor!r}")
-    if executor == "ray" and any(u.startswith("memory://") for u in (cfg.ingest_url, cfg.out_url)):
-        raise ValueError("memory:// lives inside one process; Ray workers cannot see it (use executor='local')")
+    if executor not in ("auto", "ray", "processes", "local"):
+        raise ValueError(f"build-triplets runs on ray, processes or local (or auto), not {executor!r}")
+    if executor == "processes" and cfg.needs_ray():
+        raise ValueError("stage pools with GPUs, actor counts or memory run on Ray: use executor 'ray' "
+                         "(or 'auto') instead of 'processes'")
+    if executor in ("ray", "processes") and any(u.startswith("memory://") for u in (cfg.ingest_url, cfg.out_url)):
+        raise ValueError("memory:// lives inside one process; workers cannot see it (use executor='local')")
     get_preset(cfg.preset)
     for name, opt in cfg.stages.items():
         if name not in cfg.stage_names():
@@ -335,7 +377,7 @@ def _preset_ids(cfg: TripletsConfig) -> dict[str, Any]:
     return get_preset(cfg.preset).to_dict()
 
 
-def _run_on_ray(cfg: TripletsConfig, pending: list[Shard], todo: dict[int, set[str]], stage_seconds: Counter,
+def _run_on_ray(cfg: TripletsConfig, pending: list[Shard], todo: dict[int, set[str]], ran: Callable,
                 opts: RunOptions, done: Callable, failed: Callable) -> None:
     import ray
 
@@ -381,7 +423,7 @@ def _run_on_ray(cfg: TripletsConfig, pending: list[Shard], todo: dict[int, set[s
         remaining = {i: len(todo[i]) for i in streaming}
         for row in ds.iter_rows():
             i, n = int(row["shard"]), int(row["n"])
-            stage_seconds.update(json.loads(row["timings"]))
+            ran(json.loads(row["timings"]), json.loads(row["workers"]))
             remaining[i] -= n
             if remaining[i] <= 0 and i not in futures:
                 futures[i] = assemble.remote(cfg.out_url, by_index[i])
@@ -399,25 +441,30 @@ def _run_on_ray(cfg: TripletsConfig, pending: list[Shard], todo: dict[int, set[s
         done(by_index[i], counts)
 
 
-def read_dataset(cfg: TripletsConfig, todo: dict[int, set[str]], actors: int, retries: dict[str, Any] | None = None):
-    """The rows still to do of the shards in ``todo`` as a Ray Data stream.
-
-    A block goes to one actor, so a shard read as one block keeps one actor busy and leaves the
-    rest of the pool idle. When there are fewer shards than ``actors``, each shard is read as up to
-    ``ceil(actors / shards)`` parts (never more parts than it has batches): part ``j`` of ``k``
-    keeps every k-th row, so a one-shard job gives every actor work. Each part reads the shard's tar
-    again: the extra reading is bounded by the pool size and vanishes once shards outnumber actors.
-    Batching does not change the bytes (assembly restores the ingest order; seeds are per key)."""
-    import ray
-
+def read_parts(cfg: TripletsConfig, todo: dict[int, set[str]], workers: int) -> list[dict[str, Any]]:
+    """The reads that feed ``workers`` workers: one per shard, or, when there are fewer shards than
+    workers, up to ``ceil(workers / shards)`` parts per shard (never more parts than it has
+    batches). Part ``j`` of ``k`` keeps every k-th row still to do, so a one-shard job gives every
+    worker work; each part reads the shard's tar again, which is bounded by the pool size and
+    vanishes once shards outnumber workers. Batching does not change the bytes (assembly restores
+    the ingest order; seeds are per key)."""
     groups = pools.pool_groups(cfg.stage_names(), _model_free())
     rows = min(cfg.options(g[-1]).batch_size for g in groups)
-    per_shard = -(-max(1, actors) // max(1, len(todo)))
+    per_shard = -(-max(1, workers) // max(1, len(todo)))
     items = []
     for i, keys in todo.items():
         parts = max(1, min(per_shard, -(-len(keys) // rows)))
         skip = json.dumps(sorted(staging.staged_rows(cfg.out_url, i)))
         items += [{"shard": i, "skip": skip, "part": j, "parts": parts} for j in range(parts)]
+    return items
+
+
+def read_dataset(cfg: TripletsConfig, todo: dict[int, set[str]], actors: int, retries: dict[str, Any] | None = None):
+    """The rows still to do of the shards in ``todo`` as a Ray Data stream, one block per
+    :func:`read_parts` item (a block goes to one actor)."""
+    import ray
+
+    items = read_parts(cfg, todo, actors)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     # Ray Data retries tasks and restarts actors lost with a node (bounded here); a sample
     # reaches staging at most once per successful batch, and staging tolerates repeats.
@@ -429,45 +476,143 @@ def _assemble(out_url: str, shard: Shard) -> dict[str, int]:
     return staging.assemble_shard(out_url, shard.index, shard.inputs, input_hash=shard.input_hash)
 
 
-def _run_local(cfg: TripletsConfig, pending: list[Shard], todo: dict[int, set[str]], stage_seconds: Counter,
-               done: Callable, failed: Callable) -> None:
-    """Every stage in this process, one after another (debugging, memory://, the inline bound)."""
-    # The same groups and torch threads as the Ray actors: equal threads make both executors write
-    # the same bytes.
+def _runners(cfg: TripletsConfig) -> list[StageRunner]:
+    """Every stage group as in the Ray actors (the same groups and torch threads, so every executor
+    writes the same bytes), the last one staging its results."""
     groups = pools.pool_groups(cfg.stage_names(), _model_free())
     finish = functools.partial(stage_batch, out_url=cfg.out_url, preset_ids=_preset_ids(cfg))
-    runners = [StageRunner(_stage_args(cfg, g), cfg.preset, torch_threads=pools.torch_threads(cfg.options(g[-1])),
-                           finish=finish if g is groups[-1] else None) for g in groups]
+    return [StageRunner(_stage_args(cfg, g), cfg.preset, torch_threads=pools.torch_threads(cfg.options(g[-1])),
+                        finish=finish if g is groups[-1] else None) for g in groups]
+
+
+_WORKER_RUNNERS: dict[str, list[StageRunner]] = {}  # in a pool worker: the models, loaded once per config
+
+
+def run_part(cfg: TripletsConfig, item: dict[str, Any], runners: list[StageRunner] | None = None
+             ) -> dict[str, Any]:
+    """One :func:`read_parts` item through every stage, batch by batch, into staging. Returns the
+    rows staged, the stage seconds and which process ran each stage."""
+    if runners is None:
+        key = json.dumps([cfg.ingest_url, cfg.out_url, cfg.identity(),
+                          {k: repr(v) for k, v in sorted(cfg.stages.items())}], sort_keys=True)
+        if key not in _WORKER_RUNNERS:
+            _WORKER_RUNNERS.clear()
+            _WORKER_RUNNERS[key] = _runners(cfg)
+        runners = _WORKER_RUNNERS[key]
     bs = cfg.options("inpaint").batch_size
-    for shard in pending:
-        i = shard.index
-        try:
-            skip = set(staging.staged_rows(cfg.out_url, i))
-            buf: list[dict[str, Any]] = []
-            for row in ingest_rows(cfg.ingest_url, i, skip):
-                buf.append(row)
-                if len(buf) == bs:
-                    _local_batch(buf, runners, stage_seconds)
-                    buf = []
-            if buf:
-                _local_batch(buf, runners, stage_seconds)
-            counts = _assemble(cfg.out_url, shard)
-        except PROPAGATE:
-            raise
-        except Exception as exc:  # noqa: BLE001 - this shard failed; the others still run
-            failed(shard, describe(exc))
-            continue
-        done(shard, counts)
+    timings: Counter = Counter()
+    workers: dict[str, set[str]] = defaultdict(set)
+    staged, buf = 0, []
+    for row in _flat_read(item, cfg.ingest_url):
+        buf.append(row)
+        if len(buf) == bs:
+            staged += _local_batch(buf, runners, timings, workers)
+            buf = []
+    if buf:
+        staged += _local_batch(buf, runners, timings, workers)
+    return {"staged": staged, "timings": dict(timings), "workers": {k: sorted(v) for k, v in workers.items()}}
 
 
-def _local_batch(rows: list[dict[str, Any]], runners: list[StageRunner], stage_seconds: Counter) -> None:
+def _local_batch(rows: list[dict[str, Any]], runners: list[StageRunner], timings: Counter,
+                 workers: dict[str, set[str]]) -> int:
     batch = {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
     batch["shard"] = batch["shard"].astype(np.int64)
     for runner in runners:
         batch = runner(batch)
-    out = batch
-    for t in out["timings"]:
-        stage_seconds.update(json.loads(t))
+    for t, w in zip(batch["timings"], batch["workers"]):
+        timings.update(json.loads(t))
+        for stage, ids in json.loads(w).items():
+            workers[stage].update(ids)
+    return int(np.sum(batch["n"]))
+
+
+def _assemble_or_fail(cfg: TripletsConfig, shard: Shard, done: Callable, failed: Callable) -> None:
+    try:
+        counts = _assemble(cfg.out_url, shard)
+    except PROPAGATE:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a shard that cannot be assembled is a failed shard
+        failed(shard, describe(exc))
+        return
+    done(shard, counts)
+
+
+def _run_local(cfg: TripletsConfig, pending: list[Shard], todo: dict[int, set[str]], ran: Callable,
+               done: Callable, failed: Callable) -> None:
+    """Every stage in this process, one shard after another (debugging, memory://, the inline bound)."""
+    runners = _runners(cfg)
+    for shard in pending:
+        if todo[shard.index]:
+            try:
+                for item in read_parts(cfg, {shard.index: todo[shard.index]}, 1):
+                    out = run_part(cfg, item, runners)
+                    ran(out["timings"], out["workers"])
+            except PROPAGATE:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this shard failed; the others still run
+                failed(shard, describe(exc))
+                continue
+        _assemble_or_fail(cfg, shard, done, failed)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One :func:`read_parts` item as a task of the process pool (``index``: its shard)."""
+
+    index: int
+    item: dict[str, Any]
+
+
+@dataclass
+class _PartsJob:
+    """What the process pool's workers run: :func:`run_part` per item (the models load once per worker)."""
+
+    cfg: TripletsConfig
+    kind: str = "build-triplets"
+
+    def process_shard(self, part: _Part) -> dict[str, Any]:
+        return run_part(self.cfg, part.item)
+
+
+def pool_workers(cfg: TripletsConfig, opts: RunOptions) -> int:
+    """Worker processes of the ``processes`` executor: ``opts.workers``, else as many as the CPUs
+    hold at the stages' torch threads (one each by default)."""
+    if opts.workers:
+        return opts.workers
+    groups = pools.pool_groups(cfg.stage_names(), _model_free())
+    threads = max(pools.torch_threads(cfg.options(g[-1])) for g in groups)
+    return max(1, (os.cpu_count() or 1) // threads)
+
+
+def _run_in_processes(cfg: TripletsConfig, pending: list[Shard], todo: dict[int, set[str]], ran: Callable,
+                      opts: RunOptions, done: Callable, failed: Callable) -> None:
+    """Every stage in each of a pool of worker processes, on parts of shards; a shard is assembled
+    here once all its parts are staged. A part is retried up to ``max_attempts`` times (a dead or
+    timed-out worker is replaced); a part that still fails fails its shard."""
+    from tasks.process_pool import run_in_processes
+
+    workers = pool_workers(cfg, opts)
+    by_index = {s.index: s for s in pending}
+    for s in pending:  # staged already (a resumed run): nothing to compute
+        if not todo[s.index]:
+            _assemble_or_fail(cfg, s, done, failed)
+    parts = [_Part(it["shard"], it) for it in read_parts(cfg, {i: k for i, k in todo.items() if k}, workers)]
+    left = Counter(p.index for p in parts)
+    gave_up: set[int] = set()
+
+    def part_done(part: _Part, row: dict[str, Any]) -> None:
+        ran(row["timings"], row["workers"])
+        left[part.index] -= 1
+        if left[part.index] == 0 and part.index not in gave_up:
+            _assemble_or_fail(cfg, by_index[part.index], done, failed)
+
+    def part_failed(part: _Part, error: str) -> None:
+        if part.index not in gave_up:
+            gave_up.add(part.index)
+            failed(by_index[part.index], error)
+
+    if parts:
+        run_in_processes(_PartsJob(cfg), parts, replace(opts, workers=workers), part_done, part_failed, log)
 
 
 def _remove_staging(out_url: str) -> None:

@@ -4,6 +4,8 @@ the Ray dashboard and its Prometheus endpoint show."""
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -60,7 +62,8 @@ class StageRunner:
     actor, then optionally ``finish`` (the job's staging write) on the result.
 
     ``stages`` is a list of ``(name, cfg)``; ``cfg`` goes to the stage's constructor (e.g.
-    ``batch_size``). Per-stage seconds come back in the ``_t_<name>`` columns (per row)."""
+    ``batch_size``). Per-stage seconds come back in the ``_t_<name>`` columns (per row), the process
+    that ran each stage (``host:pid``) in ``_w_<name>``."""
 
     def __init__(self, stages: list[tuple[str, dict[str, Any]]], preset: str, torch_threads: int | None = None,
                  finish: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None):
@@ -68,6 +71,7 @@ class StageRunner:
                        for name, cfg in stages]
         self.finish = finish
         self.torch_threads = torch_threads
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # per call: in the local executor several runners with their own counts share one process
@@ -85,4 +89,5 @@ class StageRunner:
             new = [str(a) for b, a in zip(before, batch["reject"]) if not b and a]
             metrics.done(n, seconds, new)
             batch[f"_t_{name}"] = np.full(n, seconds / max(n, 1), dtype=np.float64)
+            batch[f"_w_{name}"] = np.full(n, self.worker, dtype=object)
         return self.finish(batch) if self.finish else batch

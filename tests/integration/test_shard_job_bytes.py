@@ -54,3 +54,16 @@ def test_ingest_writes_the_same_bytes_on_every_executor(ray_local, photos, tmp_p
     run_ingest("folder", str(photos), str(tmp_path / "ingest"), size=32, shard_size=2, executor=executor)
     assert tar_hashes(tmp_path / "ingest", "ingest") == {k: v for k, v in BEFORE_THE_RUNNER.items()
                                                          if k.startswith("ingest/")}
+
+
+@pytest.mark.parametrize("executor", ["ray", "processes"])
+def test_triplets_write_the_same_bytes_on_every_executor(ray_local, photos, tmp_path, executor):
+    from tasks.run_options import RunOptions
+
+    run_ingest("folder", str(photos), str(tmp_path / "ingest"), size=32, shard_size=2, executor="local")
+    result = run_triplets(str(tmp_path / "ingest"), str(tmp_path / "triplets"), preset="tiny",
+                          stages={"inpaint": StageOptions(batch_size=2, cfg={"num_inference_steps": 1})},
+                          executor=executor, run_options=RunOptions(workers=2))
+    assert result.executor == executor
+    assert tar_hashes(tmp_path / "triplets", "triplets") == {k: v for k, v in BEFORE_THE_RUNNER.items()
+                                                             if k.startswith("triplets/")}
