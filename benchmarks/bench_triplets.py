@@ -16,7 +16,15 @@ inline model-compute bound.
    gives its steady-state seconds per image and the fixed cost (worker processes, imports, model
    loads, final assembly) that a job pays once, both printed.
 
-Models are built and warmed up before timing (their load time is not part of either figure).
+4. (``--commands``) whole ``cnc build-triplets`` commands as a user runs them (ingest included, fresh
+   output each time), per ``--executor`` (default ``auto``, ``ray`` and ``local``), at ``--n`` and
+   ``--n // 2`` images, alternated for ``--repeats`` rounds, medians: wall and CPU seconds, the
+   steady-state seconds per image and the fixed cost a command pays once (process starts, Ray's
+   start where used, imports, model builds, assembly). Target: fixed cost <= 10 s on 2 cores.
+
+      .venv/bin/python benchmarks/bench_triplets.py --commands --n 32 --size 64 --steps 25 --repeats 3
+
+Models are built and warmed up before timing in 1-3 (their load time is not part of those figures).
 Images: photos from ``skimage.data``, resized and cropped to ``--size``, flipped/rotated to make
 ``--n`` distinct ones. Tiny preset (seeded random weights): the masks are not meaningful, so the
 mask filter's area limits are opened up to keep every image alive through every model.
@@ -126,7 +134,13 @@ def main() -> None:
     ap.add_argument("--clip", action="store_true", help="include the CLIP stage")
     ap.add_argument("--repeats", type=int, default=1, help="timed repeats (the best is kept)")
     ap.add_argument("--ray", action="store_true", help="also time the Ray Data job against the inline bound")
+    ap.add_argument("--commands", action="store_true",
+                    help="only time whole `cnc build-triplets` commands per executor (fixed cost, steady state)")
+    ap.add_argument("--executors", default="auto,ray,local", help="--commands: the executors to time")
     args = ap.parse_args()
+    if args.commands:
+        time_commands(args)
+        return
 
     from tasks.triplets.stages import build_stages, run_reference, run_stages_inline
 
@@ -203,6 +217,52 @@ def time_ray_job(args: argparse.Namespace, inl_stages, threads: int) -> None:
           f" inline {inline_marginal:.3f} s/img")
     print(f"RATIO ray job / inline bound, end to end at {args.n} images: {i2 / r2:.2f}   (target >= 0.85)")
     print(f"RATIO ray job / inline bound, steady state: {inline_marginal / ray_marginal:.2f}")
+
+
+def time_commands(args: argparse.Namespace) -> None:
+    """Whole ``cnc build-triplets`` commands per executor at n // 2 and n images, alternated."""
+    import os
+    import shutil
+    import statistics
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_ingest import _timed  # noqa: E402 - the same timing of a command as the ingest benchmark
+
+    cnc = str(Path(sys.executable).with_name("cnc"))
+    executors = [e for e in args.executors.split(",") if e]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bench-prefect-"))
+    sizes = (args.n // 2, args.n)
+    times: dict[tuple[str, int], list[tuple[float, float]]] = {(e, n): [] for e in executors for n in sizes}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            folder = Path(tmp) / f"photos-{n}"
+            folder.mkdir()
+            for i, img in enumerate(photos(n, args.size)):
+                PIL.Image.fromarray(img).save(folder / f"photo-{i:04d}.png")
+        for r in range(args.repeats):
+            order = executors if r % 2 == 0 else executors[::-1]
+            print(f"-- round {r + 1}/{args.repeats} (load average {os.getloadavg()[0]:.1f})")
+            for ex in order:
+                for n in sizes:
+                    out = Path(tmp) / f"out-{ex}-{n}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    cmd = [cnc, "build-triplets", "--source-format", "folder", "--source", str(Path(tmp) / f"photos-{n}"),
+                           "--out", str(out), "--size", str(args.size), "--shard-size", str(max(1, n // 2)),
+                           "--inpaint-steps", str(args.steps), "--executor", ex]
+                    wall, cpu = _timed(cmd, env, ROOT)
+                    times[(ex, n)].append((wall, cpu))
+                    print(f"  {ex:10s} {n:4d} images  {wall:7.2f}s wall  {cpu:7.2f}s CPU")
+    print(f"\nwhole `cnc build-triplets` commands, {args.size}px, {args.steps} steps, tiny preset, "
+          f"{os.cpu_count()} cores, median of {args.repeats} rounds:")
+    dn = sizes[1] - sizes[0]
+    for ex in executors:
+        (w1, c1), (w2, c2) = ((statistics.median(t[0] for t in times[(ex, n)]),
+                               statistics.median(t[1] for t in times[(ex, n)])) for n in sizes)
+        per_image, cpu_per_image = (w2 - w1) / dn, (c2 - c1) / dn
+        print(f"  {ex:10s} {sizes[0]} images {w1:6.2f}s, {sizes[1]} images {w2:6.2f}s wall ({c2:6.2f}s CPU); "
+              f"steady state {per_image:.3f} s/img ({cpu_per_image:.3f} CPU-s); fixed cost "
+              f"{w2 - sizes[1] * per_image:5.2f}s wall (target <= 10 s), {c2 - sizes[1] * cpu_per_image:5.2f} CPU-s")
 
 
 if __name__ == "__main__":

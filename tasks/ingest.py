@@ -84,11 +84,14 @@ class IngestResult:
 
 @dataclass
 class ShardPlan:
-    """Shard ``index`` loads ``load`` and rejects ``duplicates`` (refs listed earlier in the source)."""
+    """Shard ``index`` loads ``load`` and rejects ``duplicates`` (refs listed earlier in the source).
+    ``where``: the listing's location of each ref of ``load`` (None where unknown); empty when the
+    source records none."""
 
     index: int
     load: list[str]
     duplicates: list[str]
+    where: list[Any] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -101,22 +104,29 @@ def plan_shards(source: Source, shard_size: int, limit: int | None = None) -> li
     return plan_refs(_listed(source, limit), shard_size)
 
 
-def _listed(source: Source, limit: int | None) -> Iterator[str]:
-    for n, ref in enumerate(source.list_refs()):
+def _listed(source: Source, limit: int | None) -> Iterator[tuple[str, Any]]:
+    for n, entry in enumerate(source.list_entries()):
         if limit is not None and n >= limit:
             return
-        yield ref
+        yield entry
 
 
-def plan_refs(refs: Iterator[str], shard_size: int, first: int = 0) -> list[ShardPlan]:
-    """:func:`plan_shards` over any refs, numbering the shards from ``first``."""
+def plan_refs(entries: Iterator[tuple[str, Any]], shard_size: int, first: int = 0) -> list[ShardPlan]:
+    """:func:`plan_shards` over any (ref, location) entries, numbering the shards from ``first``."""
     plans: list[ShardPlan] = []
     seen: set[str] = set()
-    for ref in refs:
+    for ref, where in entries:
         if not plans or plans[-1].size == shard_size:
             plans.append(ShardPlan(first + len(plans), [], []))
-        (plans[-1].duplicates if ref in seen else plans[-1].load).append(ref)
+        if ref in seen:
+            plans[-1].duplicates.append(ref)
+        else:
+            plans[-1].load.append(ref)
+            plans[-1].where.append(where)
         seen.add(ref)
+    for p in plans:
+        if all(w is None for w in p.where):
+            p.where = []
     return plans
 
 
@@ -127,17 +137,18 @@ def plan_extension(source: Source, shard_size: int, limit: int | None, existing:
     present = 0
     retry = set(existing.retry)
 
-    def refs() -> Iterator[str]:
+    def refs() -> Iterator[tuple[str, Any]]:
         nonlocal present
-        yield from existing.retry
+        for ref in existing.retry:
+            yield ref, None
         if not listing:
             return
-        for ref in _listed(source, limit):
+        for ref, where in _listed(source, limit):
             if ref in existing.source_ids and ref not in retry:
                 present += 1
                 continue
             if ref not in retry:
-                yield ref
+                yield ref, where
 
     plans = plan_refs(refs(), shard_size, first=existing.shards)
     return plans, present
@@ -161,7 +172,7 @@ def process_shard(cfg: IngestConfig, plan: ShardPlan, input_hash: str | None = N
     known = known_content if known_content is not None else np.zeros(0, dtype=np.uint64)
     columns = {growth.CONTENT_HASH: pa.string()}
     with ShardWriter(tar_url, index_url, columns, input_hash=input_hash) as writer:
-        for item in _load_accounted(source, plan.load):
+        for item in _load_accounted(source, plan.load, plan.where):
             key = sample_key(item.source_id)
             if item.error:
                 writer.add_reject(item.source_id, item.error, key, detail=item.meta.get("detail", ""),
@@ -204,13 +215,15 @@ def process_shard(cfg: IngestConfig, plan: ShardPlan, input_hash: str | None = N
     return {"skipped": False, **counts}
 
 
-def _load_accounted(source: Source, refs: list[str]) -> Iterator[SourceItem]:
-    """``source.load`` with the one-item-per-ref promise enforced. A reader that fails mid-way with
-    a transient error (or a bug) fails the shard, to be retried; with any other error it turns the
-    rest of its refs into rejects (``source_read_error``, with the detail) instead of losing them."""
+def _load_accounted(source: Source, refs: list[str], where: list[Any] | None = None) -> Iterator[SourceItem]:
+    """``source.load`` (``load_located`` given the listing's locations) with the one-item-per-ref
+    promise enforced. A reader that fails mid-way with a transient error (or a bug) fails the shard,
+    to be retried; with any other error it turns the rest of its refs into rejects
+    (``source_read_error``, with the detail) instead of losing them."""
     done = 0
+    items = source.load_located(refs, where) if where else source.load(refs)
     try:
-        for item in source.load(refs):
+        for item in items:
             if done >= len(refs):
                 break
             if item.source_id != refs[done]:
@@ -276,18 +289,26 @@ class IngestJob(ShardJob):
         segment = (self.segments or growth.segments(self.out_url))[-1]
         first = int(segment["first_shard"])
         if first == 0:
-            return [self.shard(p.index, {"load": p.load, "duplicates": p.duplicates}, p.size)
+            return [self._located(self.shard(p.index, {"load": p.load, "duplicates": p.duplicates}, p.size), p)
                     for p in plan_shards(source, self.cfg.shard_size, self.cfg.limit)]
         existing = growth.scan(self.shards_url, first)
         self.known_content = existing.content
         plans, self.present = plan_extension(source, self.cfg.shard_size, self.cfg.limit, existing,
                                              segment.get("listing", True))
         kept = [Shard(i, None, 0, growth.kept_shard_hash(self.shards_url, i), self.shards_url) for i in range(first)]
-        return kept + [self.shard(p.index, {"load": p.load, "duplicates": p.duplicates, "after": first}, p.size)
+        return kept + [self._located(self.shard(p.index, {"load": p.load, "duplicates": p.duplicates,
+                                                          "after": first}, p.size), p)
                        for p in plans]
 
+    @staticmethod
+    def _located(shard: Shard, plan: ShardPlan) -> Shard:
+        """The listing's locations travel with the shard's inputs but stay out of its input hash:
+        they say where to read, not what (the same refs give the same shard)."""
+        return replace(shard, inputs={**shard.inputs, "where": plan.where}) if plan.where else shard
+
     def process_shard(self, shard: Shard) -> dict[str, Any]:
-        plan = ShardPlan(shard.index, list(shard.inputs["load"]), list(shard.inputs["duplicates"]))
+        plan = ShardPlan(shard.index, list(shard.inputs["load"]), list(shard.inputs["duplicates"]),
+                         list(shard.inputs.get("where", [])))
         return process_shard(self.cfg, plan, shard.input_hash, self.known_content)
 
     def finalize(self, report: RunReport) -> IngestResult:

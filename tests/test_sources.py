@@ -481,6 +481,88 @@ def test_webdataset_memory_stays_bounded_in_the_member_count(tmp_path):
     assert listed_peak < 1 << 20 and loaded_peak < 1 << 20, (listed_peak, loaded_peak)
 
 
+def _wds_samples(n: int, tag: str = "k") -> list[tuple[str, dict[str, bytes]]]:
+    names = ("chelsea.png", "coffee.png", "rocket.jpg", "astronaut.png")
+    return [(f"{tag}{i}", {"jpg": photo_jpeg(names[i % len(names)], quality=70 + i), "txt": f"caption {i}".encode(),
+                           "json": json.dumps({"i": i}).encode()}) for i in range(n)]
+
+
+def _items(items) -> list[tuple]:
+    return [(i.source_id, i.image, i.caption, i.meta, i.error) for i in items]
+
+
+def test_webdataset_listing_locates_samples_and_located_loading_reads_only_their_bytes(tmp_path):
+    write_webdataset(str(tmp_path / "a.tar"), _wds_samples(6))
+    source = get_source("webdataset", str(tmp_path))
+    entries = list(source.list_entries())
+    refs, where = [r for r, _ in entries], [w for _, w in entries]
+    assert refs == [f"a.tar/k{i}" for i in range(6)] == list(source.list_refs())
+    # block-aligned, contiguous spans in tar order, each starting at its sample's first header
+    assert all(w[0] % 512 == 0 and w[1] % 512 == 0 and w[0] < w[1] for w in where)
+    assert [w[1] for w in where[:-1]] == [w[0] for w in where[1:]] and where[0][0] == 0
+    expected = _items(source.load(refs[3:5]))
+    assert [e[2] for e in expected] == ["caption 3", "caption 4"] and all(e[4] is None for e in expected)
+    assert _items(source.load_located(refs[3:5], where[3:5])) == expected
+    # wipe every byte outside samples 3 and 4: the located read does not notice, a front-to-back read does
+    data = bytearray((tmp_path / "a.tar").read_bytes())
+    keep = bytes(data[where[3][0]:where[4][1]])
+    data[:] = bytes(len(data))
+    data[where[3][0]:where[4][1]] = keep
+    (tmp_path / "a.tar").write_bytes(bytes(data))
+    assert _items(source.load_located(refs[3:5], where[3:5])) == expected
+    assert [i.error for i in source.load(refs[3:5])] == ["missing_in_tar", "missing_in_tar"]
+
+
+def test_webdataset_located_loading_reads_a_changed_tar_front_to_back(tmp_path):
+    write_webdataset(str(tmp_path / "a.tar"), _wds_samples(4))
+    source = get_source("webdataset", str(tmp_path))
+    refs, where = zip(*source.list_entries())
+    write_webdataset(str(tmp_path / "a.tar"), _wds_samples(1, tag="new") + _wds_samples(4))  # shifts every sample
+    got = _items(source.load_located(list(refs[1:]), list(where[1:])))
+    assert got == _items(source.load(list(refs[1:])))
+    assert [g[2] for g in got] == ["caption 1", "caption 2", "caption 3"]
+
+
+def test_webdataset_compressed_tars_and_rejected_samples_have_no_location(tmp_path):
+    import gzip
+
+    write_webdataset(str(tmp_path / "plain.tar"), _wds_samples(2))
+    (tmp_path / "zipped.tar.gz").write_bytes(gzip.compress((tmp_path / "plain.tar").read_bytes()))
+    big = _wds_samples(1, tag="big")
+    big[0][1]["bin"] = bytes(200_000)
+    write_webdataset(str(tmp_path / "with-big.tar"), _wds_samples(1) + big)
+    entries = dict(get_source("webdataset", str(tmp_path), max_member_bytes=100_000).list_entries())
+    assert [k for k, w in entries.items() if w is None] == ["with-big.tar/big0", "zipped.tar.gz/k0",
+                                                            "zipped.tar.gz/k1"]
+
+
+def test_ingest_of_webdataset_shards_is_the_same_with_and_without_locations(tmp_path, monkeypatch):
+    from tasks.ingest import run_ingest
+    from tasks.sources.webdataset_source import WebDatasetSource
+
+    write_webdataset(str(tmp_path / "src" / "a.tar"), _wds_samples(7))
+    write_webdataset(str(tmp_path / "src" / "b.tar"), _wds_samples(3, tag="b"))
+    loaded: list[str] = []
+    spy = WebDatasetSource._load_ranges
+
+    def ranges(self, path, refs, spans):
+        loaded.extend(refs)
+        return spy(self, path, refs, spans)
+
+    monkeypatch.setattr(WebDatasetSource, "_load_ranges", ranges)
+    located = run_ingest("webdataset", str(tmp_path / "src"), str(tmp_path / "located"), size=32, shard_size=3,
+                         executor="local")
+    assert len(loaded) == 10  # every sample was read by its location
+    listing = WebDatasetSource.list_entries
+    monkeypatch.setattr(WebDatasetSource, "list_entries",  # a listing without locations
+                        lambda self: ((ref, None) for ref, _ in listing(self)))
+    streamed = run_ingest("webdataset", str(tmp_path / "src"), str(tmp_path / "streamed"), size=32, shard_size=3,
+                          executor="local")
+    assert located.num_samples == streamed.num_samples == 10 and len(loaded) == 10
+    for name in ("shards/shard-000000.tar", "shards/shard-000001.parquet", "shards/shard-000003.tar"):
+        assert (tmp_path / "located" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes()
+
+
 # ------------------------------------------------------------------------------------ on S3
 
 @pytest.fixture(scope="module")

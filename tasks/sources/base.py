@@ -68,6 +68,17 @@ class Source(ABC):
     def load(self, refs: Sequence[str]) -> Iterator[SourceItem]:
         """Yield exactly one item per ref, in order, streaming (bounded memory)."""
 
+    def list_entries(self) -> Iterator[tuple[str, Any]]:
+        """(ref, location) in listing order: what the listing learnt about where an item's bytes
+        are (JSON-able, or None), for :meth:`load_located`. The default knows nothing."""
+        for ref in self.list_refs():
+            yield ref, None
+
+    def load_located(self, refs: Sequence[str], where: Sequence[Any]) -> Iterator[SourceItem]:
+        """:meth:`load` given the listing's locations of ``refs`` (a reader that can seek reads
+        only what it needs). Locations are hints: the items are the same as :meth:`load`'s."""
+        return self.load(refs)
+
     def describe(self) -> dict[str, Any]:
         """What the manifest records about this source."""
         return {"format": self.format_name, "url": self.url, "options": self.options}

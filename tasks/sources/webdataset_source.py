@@ -8,7 +8,12 @@ form one sample. The image is the first member with an image extension (in
 
 Source ids are ``<tar name>/<key>``, in tar order. A key that occurs again later in the same tar
 is listed again, and the ingest plan rejects it as ``duplicate_source_id``. Listing reads only the
-tar headers (it seeks past the data); loading streams each tar once, front to back.
+tar headers (it seeks past the data) and records where each sample's bytes lie in an uncompressed
+tar (:meth:`WebDatasetSource.list_entries`); loading with those locations reads only the byte
+ranges of the samples asked for (contiguous samples in one ranged read of at most 64 MiB), so a
+tar cut into many shards is not re-streamed from its start for each. Without locations (a
+compressed tar, a sample the listing already rejects) or when the bytes at a location are not the
+sample listed (the tar changed since), loading streams the tar front to back.
 
 Members are never extracted to disk and only regular files are read. A sample with a symlink,
 hardlink, device or FIFO member is ``non_regular_member: <kind>``, one whose member name has
@@ -21,6 +26,8 @@ Memory stays bounded in the number of members (headers already passed are droppe
 from __future__ import annotations
 
 import gzip
+import io
+import logging
 import posixpath
 import re
 import tarfile
@@ -33,10 +40,14 @@ from tasks import storage
 from tasks.sources.base import Source, SourceError, SourceItem
 from tasks.sources.captions import caption_meta, clean_caption
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MAX_MEMBER_BYTES = 64 << 20  # as the folder source's per-file cap
 MAX_SAMPLE_MEMBERS = 64  # files of one sample (jpg, txt, json, ...): more is not a sample
+MAX_RANGE_BYTES = 64 << 20  # one ranged read of contiguous located samples
+_BLOCK = tarfile.BLOCKSIZE
 _CUT_SHORT = (tarfile.ReadError, EOFError, zlib.error, gzip.BadGzipFile)  # a truncated or corrupt tar / gzip stream
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.(.*)$")
 
@@ -74,21 +85,22 @@ def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 
 
 def _groups(tar: tarfile.TarFile, with_data: bool, max_member_bytes: int = MAX_MEMBER_BYTES
-            ) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
-    """(key, {ext: bytes}, reject reason or None) for each run of consecutive members sharing a key.
+            ) -> Iterator[tuple[str, dict[str, bytes], str | None, tuple[int, int]]]:
+    """(key, {ext: bytes}, reject reason or None, (start, end)) for each run of consecutive members
+    sharing a key; (start, end) is where the run's headers and data lie in the uncompressed tar.
 
     Nothing is extracted to disk. A sample with a member that is not a regular file (symlink,
     hardlink, device, FIFO), has a name with ``..`` or a leading ``/``, exceeds ``max_member_bytes``
     or makes the sample exceed :data:`MAX_SAMPLE_MEMBERS` members keeps its key but gets a reject
     reason, and no data of it is read; data cut short by a truncated tar is ``truncated_tar``."""
-    key, files, problem = None, {}, None
+    key, files, problem, span = None, {}, None, (0, 0)
     members = _members(tar)
     while True:
         try:
             info = next(members, None)
         except _CUT_SHORT:  # the data of the pending sample's member ends before the tar does
             if key is not None:
-                yield key, {}, "truncated_tar"
+                yield key, {}, "truncated_tar", span
             return
         if info is None:
             break
@@ -98,10 +110,13 @@ def _groups(tar: tarfile.TarFile, with_data: bool, max_member_bytes: int = MAX_M
         if parts is None or posixpath.basename(parts[0]).startswith("."):
             continue
         k, ext = parts
+        end = info.offset_data + (-(-info.size // _BLOCK) * _BLOCK if info.isreg() else 0)
         if k != key:
             if key is not None:
-                yield key, files, problem
-            key, files, problem = k, {}, None
+                yield key, files, problem, span
+            key, files, problem, span = k, {}, None, (info.offset, end)
+        else:
+            span = (span[0], end)
         if problem is not None:
             continue
         if not is_safe_member_name(info.name):
@@ -120,12 +135,21 @@ def _groups(tar: tarfile.TarFile, with_data: bool, max_member_bytes: int = MAX_M
                 fh = tar.extractfile(info)
                 files[ext.lower()] = fh.read() if fh is not None else b""
             except _CUT_SHORT:
-                yield key, {}, "truncated_tar"
+                yield key, {}, "truncated_tar", span
                 return
         else:
             files[ext.lower()] = b""
     if key is not None:
-        yield key, files, problem
+        yield key, files, problem, span
+
+
+def _valid_span(where: Any, max_member_bytes: int) -> bool:
+    """A location as the listing writes it: two block-aligned offsets, a sample's worth of bytes."""
+    if not (isinstance(where, (list, tuple)) and len(where) == 2 and all(type(v) is int for v in where)):
+        return False
+    start, end = where
+    limit = MAX_SAMPLE_MEMBERS * (max_member_bytes + 4 * _BLOCK)
+    return 0 <= start < end and start % _BLOCK == 0 and end % _BLOCK == 0 and end - start <= limit
 
 
 def is_tar_name(path: str) -> bool:
@@ -173,11 +197,60 @@ class WebDatasetSource(Source):
             raise SourceError(f"webdataset source {self.url!r}: the shards hold no samples")
 
     def list_refs(self) -> Iterator[str]:
+        for ref, _ in self.list_entries():
+            yield ref
+
+    def list_entries(self) -> Iterator[tuple[str, list[int] | None]]:
+        """(ref, [start, end] of the sample's bytes in its tar): a location for every sample of an
+        uncompressed tar that the listing does not already reject, else None."""
         for path in self._tars():
             name = posixpath.basename(path)
             with self._fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:*") as tar:
-                for key, _, _ in _groups(tar, with_data=False, max_member_bytes=self.max_member_bytes):
-                    yield f"{name}/{key}"
+                seekable = tar.fileobj is fh  # compressed tars are read through a decompressor
+                for key, _, problem, span in _groups(tar, with_data=False, max_member_bytes=self.max_member_bytes):
+                    yield f"{name}/{key}", list(span) if seekable and problem is None else None
+
+    def load_located(self, refs: Sequence[str], where: Sequence[Any]) -> Iterator[SourceItem]:
+        """:meth:`load`, reading only the located byte ranges of the samples asked for."""
+        paths = {posixpath.basename(p): p for p in self._tars()}
+        i = 0
+        while i < len(refs):
+            name = refs[i].split("/", 1)[0]
+            j = i
+            while j < len(refs) and refs[j].split("/", 1)[0] == name:
+                j += 1
+            if name not in paths:
+                for ref in refs[i:j]:
+                    yield SourceItem(ref, error="missing_file")
+            elif all(_valid_span(w, self.max_member_bytes) for w in where[i:j]):
+                yield from self._load_ranges(paths[name], refs[i:j], [tuple(w) for w in where[i:j]])
+            else:
+                yield from self._load_tar(paths[name], refs[i:j])
+            i = j
+
+    def _load_ranges(self, path: str, refs: Sequence[str], spans: Sequence[tuple[int, int]]) -> Iterator[SourceItem]:
+        """Contiguous spans are read together; a span whose bytes are not the listed sample sends
+        the rest to the streaming reader."""
+        pos = 0
+        while pos < len(refs):
+            end = pos + 1
+            while (end < len(refs) and spans[end][0] == spans[end - 1][1]
+                   and spans[end][1] - spans[pos][0] <= MAX_RANGE_BYTES):
+                end += 1
+            start, stop = spans[pos][0], spans[end - 1][1]
+            data = self._fs.cat_file(path, start=start, end=stop)
+            got = []
+            if len(data) == stop - start:
+                with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                    got = list(_groups(tar, with_data=True, max_member_bytes=self.max_member_bytes))
+            keys = [r.split("/", 1)[1] if "/" in r else "" for r in refs[pos:end]]
+            if [g[0] for g in got] != keys or any(g[2] is not None for g in got):
+                log.warning("%s changed since it was listed: reading it front to back", path)
+                yield from self._load_tar(path, refs[pos:])
+                return
+            for ref, (_, files, _, _) in zip(refs[pos:end], got):
+                yield self._item(ref, files)
+            pos = end
 
     def load(self, refs: Sequence[str]) -> Iterator[SourceItem]:
         paths = {posixpath.basename(p): p for p in self._tars()}
@@ -201,7 +274,7 @@ class WebDatasetSource(Source):
         held: dict[str, tuple[dict[str, bytes], str | None]] = {}
         pos, truncated = 0, False
         with self._fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
-            for key, files, problem in _groups(tar, with_data=True, max_member_bytes=self.max_member_bytes):
+            for key, files, problem, _ in _groups(tar, with_data=True, max_member_bytes=self.max_member_bytes):
                 truncated = problem == "truncated_tar"
                 if remaining.get(key, 0) > 0 and key not in held:
                     held[key] = (files, problem)
