@@ -5,12 +5,16 @@ one shard at a time, so the parent always knows which shard a worker holds: a wo
 (a segfault, the OOM killer) or runs past the per-shard timeout is killed and restarted, and only
 its own shard is charged an attempt. Workers are *spawned* (no fork of a parent that holds
 threads) and import only what the job's module imports: ingest workers load neither torch nor Ray.
+On Linux a worker dies with the process that started it, even when that one is killed outright
+(a cancelled flow run, the OOM killer), so no worker goes on computing a shard for nobody.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,8 +24,24 @@ from typing import Any
 from tasks.run_options import RunOptions
 
 
-def _worker(conn: Connection) -> None:
+def _die_with(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``); if the parent
+    is already gone, exit now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _worker(conn: Connection, parent: int | None = None) -> None:
     """Run (job, shard) requests until told to stop; answer each with ("ok", row) or ("error", text)."""
+    if parent is not None:
+        _die_with(parent)
     from tasks.shard_job import _attempt, describe
 
     while True:
@@ -55,7 +75,8 @@ class _Slot:
     def submit(self, job: Any, shard: Any, attempt: int) -> None:
         if self.proc is None or not self.proc.is_alive():
             parent, child = self.ctx.Pipe()
-            self.proc = self.ctx.Process(target=_worker, args=(child,), daemon=True, name="cnc-shard-worker")
+            self.proc = self.ctx.Process(target=_worker, args=(child, os.getpid()), daemon=True,
+                                         name="cnc-shard-worker")
             self.proc.start()
             child.close()
             self.conn = parent

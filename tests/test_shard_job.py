@@ -294,3 +294,35 @@ def test_auto_picks_and_says_why(tmp_path, memory_url, monkeypatch):
     run_shard_job(Toy(str(tmp_path / "o"), [["a"], ["b"]]), RunOptions(executor="auto", announce=heard.append))
     assert heard == ["toy: executor processes (one machine and no RAY_ADDRESS: a process pool "
                      "(use --executor ray for Ray))"]
+
+
+def test_pool_workers_die_with_a_run_that_is_killed_outright(tmp_path):
+    """SIGKILL of the run (a cancelled flow run's process, the OOM killer) leaves no worker behind
+    computing a shard for nobody: here one hangs on shard 1 and would otherwise sleep for an hour."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "out"
+    out.mkdir()
+    code = ("from tests.test_shard_job import Toy; from tasks.shard_job import RunOptions, run_shard_job; "
+            f"run_shard_job(Toy({str(out)!r}, [['a'], ['b'], ['c']], poison='hang'), "
+            "RunOptions(executor='processes', workers=2))")
+    run = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.time() + 120
+        while 1 not in attempts(out):  # the hanging shard has started in a worker
+            assert run.poll() is None and time.time() < deadline, "the run ended or never reached shard 1"
+            time.sleep(0.05)
+        workers = [p for p in psutil.Process(run.pid).children()
+                   if "spawn_main" in " ".join(p.cmdline())]
+        assert workers
+        run.send_signal(signal.SIGKILL)
+        run.wait(30)
+        gone, alive = psutil.wait_procs(workers, timeout=60)
+        assert alive == [], f"workers still running after their run was killed: {alive}"
+    finally:
+        if run.poll() is None:
+            run.kill()
