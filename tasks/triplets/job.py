@@ -576,12 +576,16 @@ class _PartsJob:
 
 def pool_workers(cfg: TripletsConfig, opts: RunOptions) -> int:
     """Worker processes of the ``processes`` executor: ``opts.workers``, else as many as the CPUs
-    hold at the stages' torch threads (one each by default)."""
+    hold at the stages' torch threads (one each by default) and the memory at the preset's models."""
     if opts.workers:
         return opts.workers
     groups = pools.pool_groups(cfg.stage_names(), _model_free())
     threads = max(pools.torch_threads(cfg.options(g[-1])) for g in groups)
-    return max(1, (os.cpu_count() or 1) // threads)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    return pools.pool_workers(os.cpu_count() or 1, threads, cfg.preset, memory)
 
 
 def _run_in_processes(cfg: TripletsConfig, pending: list[Shard], todo: dict[int, set[str]], ran: Callable,

@@ -41,6 +41,18 @@ MIN_CPUS = 0.01
 HEAVY_STAGE = "inpaint"
 MIN_HEAVY_CPUS = 0.25
 GPU_ACTOR_CPUS = 0.5
+# resident memory of one process holding every stage's models (fp32 on CPU), for the process pool's
+# size: sd15's inpainting UNet/VAE/text encoder ~4.3 GiB, DPT-Large 1.3, CLIP ViT-L/14 1.7, U2-Net 0.2
+WORKER_MEMORY_GIB = {"tiny": 1.0, "sd15": 8.0}
+
+
+def pool_workers(cpus: int, threads: int, preset: str, memory_gib: float | None) -> int:
+    """Worker processes of the ``processes`` executor: one per ``threads`` CPUs, no more than 80 %
+    of the machine's memory holds at the preset's per-process footprint."""
+    workers = max(1, cpus // max(1, threads))
+    if memory_gib:
+        workers = min(workers, max(1, int(memory_gib * 0.8 // WORKER_MEMORY_GIB.get(preset, 8.0))))
+    return workers
 
 
 class ResourceError(ValueError):

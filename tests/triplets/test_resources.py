@@ -12,6 +12,7 @@ from tasks.triplets.resources import (
     check_fits,
     plan_pools,
     pool_groups,
+    pool_workers,
 )
 from tasks.triplets.stages import STAGE_CLASSES, stage_names
 
@@ -114,3 +115,11 @@ def test_a_plan_that_does_not_fit_fails_locally_and_warns_once_on_a_joined_clust
         with_batches = _plan_ray_pools(cfg, batches=8)  # the job's second, sized plan
     assert before_claim["inpaint"].min_actors == with_batches["inpaint"].min_actors == 4
     assert [r.getMessage().count("grown to fit") for r in caplog.records] == [1]
+
+
+def test_the_process_pool_has_one_worker_per_core_and_fits_the_models_in_memory():
+    assert pool_workers(16, 1, "tiny", 64.0) == 16
+    assert pool_workers(16, 4, "tiny", 64.0) == 4  # stages asking for 4 CPUs run 4 torch threads each
+    assert pool_workers(16, 1, "sd15", 64.0) == 6  # 0.8 x 64 GiB at 8 GiB per process of sd15 models
+    assert pool_workers(16, 1, "sd15", 4.0) == 1  # never fewer than one
+    assert pool_workers(2, 1, "tiny", None) == 2  # memory unknown: CPUs decide
