@@ -211,7 +211,8 @@ class WebDatasetSource(Source):
                     yield f"{name}/{key}", list(span) if seekable and problem is None else None
 
     def load_located(self, refs: Sequence[str], where: Sequence[Any]) -> Iterator[SourceItem]:
-        """:meth:`load`, reading only the located byte ranges of the samples asked for."""
+        """:meth:`load`, reading only the located byte ranges of the samples asked for; a run of
+        refs of one tar with any location missing is streamed."""
         paths = {posixpath.basename(p): p for p in self._tars()}
         i = 0
         while i < len(refs):
@@ -253,19 +254,7 @@ class WebDatasetSource(Source):
             pos = end
 
     def load(self, refs: Sequence[str]) -> Iterator[SourceItem]:
-        paths = {posixpath.basename(p): p for p in self._tars()}
-        i = 0
-        while i < len(refs):
-            name = refs[i].split("/", 1)[0]
-            j = i
-            while j < len(refs) and refs[j].split("/", 1)[0] == name:
-                j += 1
-            if name not in paths:
-                for ref in refs[i:j]:
-                    yield SourceItem(ref, error="missing_file")
-            else:
-                yield from self._load_tar(paths[name], refs[i:j])
-            i = j
+        return self.load_located(refs, [None] * len(refs))
 
     def _load_tar(self, path: str, refs: Sequence[str]) -> Iterator[SourceItem]:
         """Stream the tar once; hold only samples that are needed and not yet due (none in order)."""
