@@ -62,9 +62,11 @@ def test_build_triplets_deployment_survives_a_cancelled_run(prefect_stack, tmp_p
     prefect_stack.cancel(run_id)  # fails loudly if the run had already finished
     # snapshot only once the API says the run is Cancelled (its process is gone, nothing writes any more)
     run = prefect_stack.wait_for_state(run_id, FINAL_STATES)
-    # Cancelling, then Cancelled: the flow process keeps Prefect's SIGTERM bridge although it started Ray
-    # (ray.init installs its own handler, which made the run end Crashed; tasks/ray_runtime.py)
-    assert "CANCELLING" in prefect_stack.state_history(run_id)
+    # Cancelling, then Cancelled, never Crashed on the way: the flow process keeps Prefect's SIGTERM bridge
+    # although it started Ray (ray.init installs its own handler, which turned the kill into SystemExit(15):
+    # the engine recorded a crash before the worker set Cancelled; tasks/ray_runtime.py)
+    history = prefect_stack.state_history(run_id)
+    assert "CANCELLING" in history and "CRASHED" not in history, history
     assert run["state_type"] == "CANCELLED", run["state_type"] + prefect_stack.log("worker.log")
     final_before = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*")}
     n = len(SAMPLE_PHOTOS) * copies
