@@ -49,8 +49,9 @@ def artifacts_of(run_id) -> dict[str, object]:
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+    only_this_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+        found = client.read_artifacts(artifact_filter=only_this_run)
     by_key = {a.key: a for a in found}
     assert len(by_key) == len(found), [a.key for a in found]  # one of each
     return by_key
