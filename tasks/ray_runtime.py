@@ -6,8 +6,12 @@ storage URLs pointing at shared storage (S3) on a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 
 import ray
 
@@ -23,16 +27,33 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> dict:
     global _joined
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
-        if address:
-            _joined = True
-            log.info("joining Ray cluster at %s", address)
-            ray.init(address=address, log_to_driver=False)
-        else:
-            # address="local": always a Ray of our own, never a `ray start` cluster that happens to
-            # run on this machine (its resources, token and lifetime are not this job's)
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
-                     include_dashboard=_want_dashboard(), log_to_driver=False)
+        with _keep_sigterm_handler():
+            if address:
+                _joined = True
+                log.info("joining Ray cluster at %s", address)
+                ray.init(address=address, log_to_driver=False)
+            else:
+                # address="local": always a Ray of our own, never a `ray start` cluster that happens to
+                # run on this machine (its resources, token and lifetime are not this job's)
+                ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
+                         include_dashboard=_want_dashboard(), log_to_driver=False)
     return ray.cluster_resources()
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """``ray.init`` replaces the driver's SIGTERM handler with one that raises ``SystemExit(15)``.
+    A handler someone installed on purpose is put back afterwards: Prefect's flow engine installs
+    one that turns the worker's SIGTERM into a *cancellation*; with Ray's in its place Prefect
+    cannot acknowledge the cancel and the run ends Crashed. Python's default (or no Python-level
+    handler) is left to Ray, whose ``SystemExit`` at least runs ``finally`` blocks and atexit."""
+    main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if before is not None and before is not signal.SIG_DFL and signal.getsignal(signal.SIGTERM) is not before:
+            signal.signal(signal.SIGTERM, before)
 
 
 def joined_cluster() -> bool:

@@ -20,6 +20,7 @@ infra/local/monitoring.sh || echo "monitoring not started (see infra/README.md)"
 "$BIN/prefect" server start --host 127.0.0.1 --port 4200 >/tmp/cnc-prefect-server.log 2>&1 &
 until curl -sf "$PREFECT_API_URL/health" >/dev/null; do sleep 1; done
 "$BIN/prefect" work-pool create cnc-local --type process >/dev/null 2>&1 || true
+"$BIN/prefect" work-pool create cnc-cluster --type process >/dev/null 2>&1 || true  # deploy --all needs every pool
 "$BIN/prefect" --no-prompt deploy --all
 echo "Prefect UI: http://127.0.0.1:4200   Ray dashboard: http://127.0.0.1:${DASHBOARD_PORT:-8265} (token: $BIN/ray get-auth-token)"
 echo "Prometheus: http://127.0.0.1:9090   Grafana: http://127.0.0.1:3000 (when installed)"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.params import BuildTripletsParams
 from tasks.sample_images import SAMPLE_PHOTOS, write_sample_folder
 from tests.integration.prefect_stack import FINAL_STATES, PrefectStack
 
@@ -50,6 +51,8 @@ def test_build_triplets_deployment_survives_a_cancelled_run(prefect_stack, tmp_p
     out = tmp_path / "out"
     params = {"params": {"source_format": "folder", "source": str(photos), "out": str(out), "size": 64,
                          "shard_size": 2, "inpaint_steps": 150}}  # long enough to cancel mid-way
+    if "executor" in BuildTripletsParams.model_fields:  # the flow may choose another executor on one machine:
+        params["params"]["executor"] = "ray"  # this test is about a flow process that started Ray
     prefect_stack.deploy("build-triplets/local")
     run_id = prefect_stack.start_deployment("build-triplets/local", params)
     shards = out / "triplets" / "shards"
@@ -59,10 +62,12 @@ def test_build_triplets_deployment_survives_a_cancelled_run(prefect_stack, tmp_p
     prefect_stack.cancel(run_id)  # fails loudly if the run had already finished
     # snapshot only once the API says the run is Cancelled (its process is gone, nothing writes any more)
     run = prefect_stack.wait_for_state(run_id, FINAL_STATES)
-    # Cancelling, then final. Today the final state is Crashed, not Cancelled: Ray's SIGTERM handler turns
-    # the worker's kill into SystemExit(15), which Prefect's engine records as a crash (see the note).
-    assert "CANCELLING" in prefect_stack.state_history(run_id)
-    assert run["state_type"] in {"CANCELLED", "CRASHED"}, run["state_type"]
+    # Cancelling, then Cancelled, never Crashed on the way: the flow process keeps Prefect's SIGTERM bridge
+    # although it started Ray (ray.init installs its own handler, which turned the kill into SystemExit(15):
+    # the engine recorded a crash before the worker set Cancelled; tasks/ray_runtime.py)
+    history = prefect_stack.state_history(run_id)
+    assert "CANCELLING" in history and "CRASHED" not in history, history
+    assert run["state_type"] == "CANCELLED", run["state_type"] + prefect_stack.log("worker.log")
     final_before = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*")}
     n = len(SAMPLE_PHOTOS) * copies
     assert final_before, prefect_stack.log("worker.log")
