@@ -2,9 +2,9 @@
 
 Locally (and wherever ``CNC_RAY_JOBS_ADDRESS`` is unset) the two jobs run from this process, on
 the Ray at ``RAY_ADDRESS`` or, without it, on a pool of worker processes (``executor``). With
-``CNC_RAY_JOBS_ADDRESS`` set to a cluster's dashboard (``http://head:8265``), both run as one job submitted through the Ray Jobs API: a
-dropped connection no longer ends the job, a re-run of the flow follows the job it started, and a
-cancelled flow run stops it (``tasks.ray_jobs``).
+``CNC_RAY_JOBS_ADDRESS`` set to a cluster's dashboard (``http://head:8265``), both run as one job
+submitted through the Ray Jobs API: a dropped connection no longer ends the job, a re-run of the
+flow follows the job it started, and a cancelled flow run stops it (``tasks.ray_jobs``).
 """
 
 from __future__ import annotations
