@@ -30,7 +30,8 @@ def ingest(params: IngestParams) -> dict[str, Any]:
     install_log_redaction()
     result = ingest_shards(params)
     counts = {"inputs": result["num_inputs"], "samples": result["num_samples"], "rejects": result["num_rejects"],
-              "shards": len(result["shard_urls"])}
-    publish_counts("ingest", f"Ingest of {params.source}", counts, result["rejects_by_reason"], result["seconds"])
+              "shards": len(result["shard_urls"]), "inputs this run": result["num_inputs_run"]}
+    publish_counts("ingest", f"Ingest of {params.source}", counts, result["rejects_by_reason"], result["seconds"],
+                   inputs=result["num_inputs_run"])
     get_run_logger().info("ingest: %s -> %s: %s", params.source, params.out, counts)
     return result

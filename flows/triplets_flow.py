@@ -131,10 +131,11 @@ def build_triplets(params: BuildTripletsParams) -> dict[str, Any]:
         ingest = ingest_shards(ingest_params)
         result = triplet_stages(params, ingest_params.out)
     counts = {"sources": result["num_sources"], "triplets": result["num_triplets"], "rejects": result["num_rejects"],
-              "shards": len(result["shard_urls"])}
+              "shards": len(result["shard_urls"]), "sources this run": result["num_inputs_run"]}
     publish_counts("build-triplets", f"Triplets from {params.source}", counts, result["rejects_by_reason"],
-                   result["seconds"], inputs=result["num_sources"])
-    rows = [{"stage": s, "seconds": round(t, 3), "samples/s": round(ingest["num_samples"] / t, 2) if t else None}
+                   result["seconds"], inputs=result["num_inputs_run"])
+    # the stage seconds cover this run's samples only (a resumed run skips what is staged or final)
+    rows = [{"stage": s, "seconds": round(t, 3), "samples/s": round(result["num_computed"] / t, 2) if t else None}
             for s, t in result["stage_seconds"].items()]
     create_table_artifact(key="build-triplets-stages", table=rows or [{"stage": "(none run)"}],
                           description="per-stage model time and throughput (one actor)")

@@ -66,10 +66,12 @@ class IngestResult:
     num_duplicates: int = 0  # inputs whose bytes were already in the output (index rows, status duplicate)
     num_present: int = 0  # listed refs already in the output by source id (skipped, no new row)
     num_retried: int = 0  # retryable rejects that a later shard tried again
+    num_inputs_run: int = 0  # inputs of the shards this run wrote (resumed or re-run: fewer than num_inputs)
 
     @property
     def images_per_second(self) -> float:
-        return self.num_inputs / self.seconds if self.seconds else 0.0
+        """This run's inputs per second."""
+        return self.num_inputs_run / self.seconds if self.seconds else 0.0
 
     def summary(self) -> str:
         dup = f" + {self.num_duplicates} duplicates" if self.num_duplicates else ""
@@ -332,7 +334,8 @@ class IngestJob(ShardJob):
         return IngestResult(self.cfg.out_url, report.inputs, report.samples, len(report.rejects), reasons, urls,
                             shards_written=len(report.written),
                             shards_skipped=len(report.shards) - len(report.written) - len(report.failed),
-                            num_duplicates=report.duplicates, num_present=self.present, num_retried=report.retried)
+                            num_duplicates=report.duplicates, num_present=self.present, num_retried=report.retried,
+                            num_inputs_run=report.inputs_run)
 
 
 # ------------------------------------------------------------------------------------- driver

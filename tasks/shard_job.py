@@ -258,6 +258,13 @@ class RunReport:
         return self.samples + len(self.rejects) + self.duplicates
 
     @property
+    def inputs_run(self) -> int:
+        """Inputs of the shards this run wrote (what its throughput counts; a resumed or re-run job
+        skips the rest)."""
+        written = set(self.written)
+        return sum(s.size for s in self.shards if s.index in written)
+
+    @property
     def committed(self) -> list[Shard]:
         return [s for s in self.shards if s.index not in self.failed]
 

@@ -73,7 +73,7 @@ def build_triplets(
     except (SourceError, OutputConflict, OutputBusy, ShardJobFailed, TripletsInputError, OSError, ValueError) as exc:
         fail_with(exc)
     typer.echo(f"triplets: {result.summary()}")
-    typer.echo(f"triplets: {result.num_sources / max(result.seconds, 1e-9):.2f} sources/s over {result.seconds:.1f} s "
+    typer.echo(f"triplets: {result.num_inputs_run / max(result.seconds, 1e-9):.2f} sources/s over {result.seconds:.1f} s "
                f"on {result.executor}")
     if result.preview_url:
         typer.echo(f"contact sheet: {result.preview_url}")

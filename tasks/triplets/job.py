@@ -76,6 +76,8 @@ class TripletsResult:
     executor: str = ""
     # stage -> how many processes (Ray actors or pool workers) ran it in this run
     stage_workers: dict[str, int] = field(default_factory=dict)
+    num_inputs_run: int = 0  # sources of the shards this run wrote (resumed or re-run: fewer)
+    num_computed: int = 0  # samples that went through the model stages in this run
 
     def summary(self) -> str:
         dup = f" + {self.num_duplicates} duplicates" if self.num_duplicates else ""
@@ -186,6 +188,7 @@ class TripletsJob(ShardJob):
     extendable: bool = True
     stage_seconds: Counter = field(default_factory=Counter)
     stage_workers: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    computed: int = 0
     executor: str = ""
 
     @property
@@ -226,7 +229,8 @@ class TripletsJob(ShardJob):
             staged = set(staging.staged_rows(self.cfg.out_url, s.index))
             todo[s.index] = {r["key"] for r in s.inputs if r["status"] == "ok"} - staged
 
-        def ran(timings: dict[str, float], workers: dict[str, list[str]]) -> None:
+        def ran(timings: dict[str, float], workers: dict[str, list[str]], samples: int) -> None:
+            self.computed += samples
             self.stage_seconds.update(timings)
             for stage, ids in workers.items():
                 self.stage_workers[stage].update(ids)
@@ -242,6 +246,7 @@ class TripletsJob(ShardJob):
         result = finalize(self.cfg, self.ingest_manifest, report, dict(self.stage_seconds))
         result.executor = self.executor or report.executor
         result.stage_workers = {k: len(v) for k, v in sorted(self.stage_workers.items())}
+        result.num_inputs_run, result.num_computed = report.inputs_run, self.computed
         return result
 
 
@@ -423,7 +428,7 @@ def _run_on_ray(cfg: TripletsConfig, pending: list[Shard], todo: dict[int, set[s
         remaining = {i: len(todo[i]) for i in streaming}
         for row in ds.iter_rows():
             i, n = int(row["shard"]), int(row["n"])
-            ran(json.loads(row["timings"]), json.loads(row["workers"]))
+            ran(json.loads(row["timings"]), json.loads(row["workers"]), n)
             remaining[i] -= n
             if remaining[i] <= 0 and i not in futures:
                 futures[i] = assemble.remote(cfg.out_url, by_index[i])
@@ -546,7 +551,7 @@ def _run_local(cfg: TripletsConfig, pending: list[Shard], todo: dict[int, set[st
             try:
                 for item in read_parts(cfg, {shard.index: todo[shard.index]}, 1):
                     out = run_part(cfg, item, runners)
-                    ran(out["timings"], out["workers"])
+                    ran(out["timings"], out["workers"], out["staged"])
             except PROPAGATE:
                 raise
             except Exception as exc:  # noqa: BLE001 - this shard failed; the others still run
@@ -605,7 +610,7 @@ def _run_in_processes(cfg: TripletsConfig, pending: list[Shard], todo: dict[int,
     gave_up: set[int] = set()
 
     def part_done(part: _Part, row: dict[str, Any]) -> None:
-        ran(row["timings"], row["workers"])
+        ran(row["timings"], row["workers"], row["staged"])
         left[part.index] -= 1
         if left[part.index] == 0 and part.index not in gave_up:
             _assemble_or_fail(cfg, by_index[part.index], done, failed)

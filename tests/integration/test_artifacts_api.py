@@ -105,7 +105,12 @@ def test_ingest_artifacts_report_the_real_counts_and_throughput(prefect_api, ray
     assert {k: int(rows[k]) for k in ("inputs", "samples", "rejects", "shards")} == {
         "inputs": SOURCES, "samples": samples, "rejects": 1, "shards": len(shards)}
     assert len(shards) == -(-SOURCES // SHARD_SIZE)
+    assert int(rows["inputs this run"]) == SOURCES
     assert_rate(rows, SOURCES, wall)
+    # a re-run of the finished output writes nothing: its throughput counts nothing either
+    again, _ = run_flow(ingest, IngestParams(source=str(photos), out=str(out), size=SIZE, shard_size=SHARD_SIZE))
+    rerun = summary(artifacts_of(again)["ingest-summary"])
+    assert int(rerun["inputs"]) == SOURCES and int(rerun["inputs this run"]) == 0 and rerun["inputs/s"] == "0.00"
 
     reasons = Counter(r["reason"] for r in pq.read_table(out / "rejects.parquet").to_pylist())
     assert {r["reason"]: r["count"] for r in table(found["ingest-rejects"])} == dict(reasons)
@@ -133,6 +138,7 @@ def test_build_triplets_artifacts_report_the_real_counts_and_throughput(prefect_
     assert triplets + len(rejects) == SOURCES and triplets > 0
     assert {k: int(rows[k]) for k in ("sources", "triplets", "rejects", "shards")} == {
         "sources": SOURCES, "triplets": triplets, "rejects": len(rejects), "shards": len(shards)}
+    assert int(rows["sources this run"]) == SOURCES
     assert_rate(rows, SOURCES, wall)
     assert {r["reason"]: r["count"] for r in table(found["build-triplets-rejects"])} == dict(reasons)
 

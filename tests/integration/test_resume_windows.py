@@ -105,6 +105,7 @@ def test_resume_recomputes_only_samples_that_never_reached_staging(reference, tm
     assert sorted(inpainted) == sorted(never_staged)  # each exactly once; the staged two not again
     assert redone == [0, 1]
     assert result.num_sources == N == result.num_triplets + result.num_rejects
+    assert result.num_computed == len(never_staged)  # what its throughput counts
     assert tree_bytes(out) == tree_bytes(reference / "triplets")
 
 
@@ -134,6 +135,7 @@ def test_ingest_redoes_a_shard_whose_tar_was_published_without_its_index(referen
                         resume=True, executor="local", on_shard=lambda row: redone.append(row["shard"]))
     assert redone == [1]
     assert result.num_inputs == N == result.num_samples + result.num_rejects
+    assert result.num_inputs_run == N - SHARD_SIZE  # this run's share: shard 1's inputs
     keys = [s["__key__"] for u in result.shard_urls for s in iter_tar_samples(u)]
     assert len(keys) == len(set(keys)) == result.num_samples  # nothing twice
     assert len(read_index(str(out / "shards" / "shard-000001.parquet"))) == N - SHARD_SIZE
