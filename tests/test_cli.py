@@ -91,3 +91,13 @@ def test_build_triplets_checks_the_triplet_side_before_ingest_runs(tmp_path, mon
         ray.shutdown()
     assert "GPU" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_build_triplets_refuses_gpu_stages_on_a_process_pool_before_ingest(tmp_path):
+    from tasks.sample_images import write_sample_folder
+
+    write_sample_folder(str(tmp_path / "src"), ["chelsea.png"])
+    line = one_line_error(run("build-triplets", "--source-format", "folder", "--source", str(tmp_path / "src"),
+                              "--out", str(tmp_path / "out"), "--inpaint-gpus", "1", "--executor", "processes"))
+    assert "run on Ray" in line
+    assert not (tmp_path / "out").exists()

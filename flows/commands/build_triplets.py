@@ -47,7 +47,7 @@ def build_triplets(
     from tasks.shard_job import OutputBusy, OutputConflict, ShardJobFailed
     from tasks.sources import SOURCE_FORMATS
     from tasks.sources.base import SourceError
-    from tasks.triplets.job import TripletsInputError, check_pool_plan, run_triplets
+    from tasks.triplets.job import TripletsInputError, check_executor, check_pool_plan, run_triplets, runs_on_ray
 
     if source_format not in SOURCE_FORMATS:
         fail(f"unknown --source-format {source_format!r}; choose one of {', '.join(SOURCE_FORMATS)}")
@@ -56,9 +56,10 @@ def build_triplets(
     options = run_options(executor, RunOptions.max_attempts, RunOptions.shard_timeout_s, max_reject_share)
     stages = {"inpaint": StageOptions(num_gpus=gpus_per_inpaint_actor, cfg={"num_inference_steps": inpaint_steps})}
     try:  # the triplet side's arguments are checked before ingest runs (and writes anything)
-        if executor != "local":
-            check_pool_plan(TripletsConfig(storage.join(out, "ingest"), storage.join(out, "triplets"), preset, clip,
-                                           latents, stages))
+        cfg = TripletsConfig(storage.join(out, "ingest"), storage.join(out, "triplets"), preset, clip, latents, stages)
+        check_executor(cfg, executor)
+        if runs_on_ray(cfg, executor):  # the pools must fit the Ray this would start (a process pool always fits)
+            check_pool_plan(cfg)
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
     try:

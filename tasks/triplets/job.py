@@ -290,9 +290,8 @@ def run_triplets(ingest_url: str, out_url: str, *, preset: str = "tiny", clip: b
     return result
 
 
-def _validate(cfg: TripletsConfig, executor: str) -> dict[str, Any]:
-    from cnc_model.presets import get_preset
-
+def check_executor(cfg: TripletsConfig, executor: str) -> None:
+    """Raise ``ValueError`` for an executor these stages cannot run on (before any work)."""
     if executor not in ("auto", "ray", "processes", "local"):
         raise ValueError(f"build-triplets runs on ray, processes or local (or auto), not {executor!r}")
     if executor == "processes" and cfg.needs_ray():
@@ -300,6 +299,12 @@ def _validate(cfg: TripletsConfig, executor: str) -> dict[str, Any]:
                          "(or 'auto') instead of 'processes'")
     if executor in ("ray", "processes") and any(u.startswith("memory://") for u in (cfg.ingest_url, cfg.out_url)):
         raise ValueError("memory:// lives inside one process; workers cannot see it (use executor='local')")
+
+
+def _validate(cfg: TripletsConfig, executor: str) -> dict[str, Any]:
+    from cnc_model.presets import get_preset
+
+    check_executor(cfg, executor)
     get_preset(cfg.preset)
     for name, opt in cfg.stages.items():
         if name not in cfg.stage_names():
@@ -341,6 +346,12 @@ def _plan_ray_pools(cfg: TripletsConfig, batches: int | None = None, warn: bool 
         if warn:
             log.warning("%s; the job waits until the cluster has grown to fit", exc)
     return plans
+
+
+def runs_on_ray(cfg: TripletsConfig, executor: str) -> bool:
+    """Whether ``executor`` (``auto`` included) runs these stages on Ray, decided without starting
+    or importing anything heavy."""
+    return choose_executor(executor, TripletsJob(cfg, {}))[0] == "ray"
 
 
 def check_pool_plan(cfg: TripletsConfig) -> None:
