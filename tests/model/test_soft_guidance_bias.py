@@ -45,6 +45,8 @@ def test_the_bias_lives_on_the_requested_device_with_the_requested_dtype() -> No
 def test_errors_say_what_is_wrong() -> None:
     with pytest.raises(ValueError, match=r"^mask_resize must be one of \('official', 'area'\), got 'nearest'$"):
         SoftGuidance(torch.ones(1, 1, 4, 4), (4, 4), mask_resize="nearest")
+    with pytest.raises(ValueError, match=r"^mask must be \(B, 1, H, W\) or \(B, H, W\), got \(1, 2, 4, 4\)$"):
+        SoftGuidance(torch.ones(1, 2, 4, 4), (4, 4))  # two channels: not a mask
     guidance = SoftGuidance(torch.ones(1, 1, 4, 4), (4, 4))
     with pytest.raises(ValueError, match=r"^query length 15 matches no resolution of the latent "):
         guidance.bias(15, 85, torch.float32, CPU)

@@ -62,6 +62,30 @@ def test_every_attention_feature_matches_attn_processor_2_0_with_the_bias(with_c
     torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
 
 
+def test_without_guidance_every_argument_reaches_attn_processor_2_0() -> None:
+    """The unguided path (no ``soft_guidance``, or self-attention) passes the caller's attention
+    mask and ``temb`` on: the processor is then ``AttnProcessor2_0`` bit for bit."""
+    attn = _randomised(Attention(query_dim=CHANNELS, cross_attention_dim=CONTEXT_DIM, heads=2, dim_head=4,
+                                 norm_num_groups=4, spatial_norm_dim=3, residual_connection=True), seed=5)
+    self_attn = _randomised(Attention(query_dim=CHANNELS, heads=2, dim_head=4, spatial_norm_dim=3), seed=6)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, CHANNELS, H, W, generator=gen, dtype=torch.float64)
+    context = torch.randn(2, TEXT + 8, CONTEXT_DIM, generator=gen, dtype=torch.float64)
+    temb = torch.randn(2, 3, 2, 2, generator=gen, dtype=torch.float64)
+    cross_mask = torch.zeros(2, 1, TEXT + 8, dtype=torch.float64)
+    cross_mask[:, :, :3] = -1e4
+    self_mask = torch.zeros(2, 1, H * W, dtype=torch.float64)
+    self_mask[:, :, 5:] = -1e4
+    guidance = SoftGuidance(_masks(), (H, W))
+    with torch.no_grad():
+        for layer, ctx, mask, kwargs in ((attn, context, cross_mask, {}),
+                                         (self_attn, None, self_mask, {"soft_guidance": guidance})):
+            got = SoftGuidanceAttnProcessor()(layer, x, ctx, attention_mask=mask, temb=temb, **kwargs)
+            want = AttnProcessor2_0()(layer, x, ctx, attention_mask=mask, temb=temb)
+            assert torch.equal(got, want)
+            assert (got - AttnProcessor2_0()(layer, x, ctx, temb=temb)).abs().max() > 1e-3  # the mask acts
+
+
 def test_sd_style_layer_with_a_3d_sequence_matches_too() -> None:
     """The layout SD's transformer blocks use: (B, h*w, C) queries, no norms, no residual."""
     attn = _randomised(Attention(query_dim=CHANNELS, cross_attention_dim=CONTEXT_DIM, heads=4, dim_head=4), seed=3)
