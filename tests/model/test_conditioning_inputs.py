@@ -113,3 +113,21 @@ def test_per_image_repeats_each_prompt_row_and_keeps_the_settings() -> None:
     assert out.depth_scale == 0.3 and out.mask_resize == "area"
     none = CnCConditions(fg_depth=rows).per_image(2)
     assert none.bg_depth is None and none.mask is None and none.fg_tokens is None
+
+
+def test_mask_errors_name_the_mask() -> None:
+    from cnc_model.cnc.conditioning import prepare_mask
+
+    with pytest.raises(ValueError, match=r"^mask: values must lie in \[0, 1\]"):
+        prepare_mask(torch.tensor([[0.5, 2.0]]))
+    with pytest.raises(ValueError, match=r"^depth map: values must lie in \[0, 1\]"):
+        prepare_depth(torch.tensor([[0.5, 2.0]]), 1, 2)
+
+
+def test_context_is_text_then_fg_then_bg_tokens_in_the_text_dtype() -> None:
+    """fp16 text embeddings with fp32 tokens (as the global fuser may give) must not promote the context."""
+    fg, bg = torch.full((1, 4, 3), 1.0), torch.full((1, 4, 3), 2.0)
+    text = torch.zeros(2, 5, 3, dtype=torch.float16)
+    context = CnCConditions(fg_tokens=fg, bg_tokens=bg).context(text)
+    assert context.dtype == torch.float16 and context.shape == (2, 13, 3)
+    assert context[:, :, 0].tolist() == [[0] * 5 + [1] * 4 + [2] * 4] * 2
