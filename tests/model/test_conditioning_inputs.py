@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnc_model.cnc.conditioning import CnCConditions, _to_float_tensor, expand_batch, prepare_depth
+from cnc_model.cnc.conditioning import CnCConditions, _to_float_tensor, cnc_noise_prediction, expand_batch, prepare_depth
 
 B, H, W = 2, 5, 7
 
@@ -131,3 +131,51 @@ def test_context_is_text_then_fg_then_bg_tokens_in_the_text_dtype() -> None:
     context = CnCConditions(fg_tokens=fg, bg_tokens=bg).context(text)
     assert context.dtype == torch.float16 and context.shape == (2, 13, 3)
     assert context[:, :, 0].tolist() == [[0] * 5 + [1] * 4 + [2] * 4] * 2
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for the UNet or the local fuser: records its arguments, returns zeros."""
+
+    def __init__(self, residuals: bool = False) -> None:
+        super().__init__()
+        self.calls: list[dict] = []
+        self.residuals = residuals
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
+        self.calls.append(dict(encoder_hidden_states=encoder_hidden_states, **kwargs))
+        if self.residuals:
+            return (torch.zeros_like(sample),), torch.zeros_like(sample)
+        return (torch.zeros_like(sample),)
+
+
+def test_soft_guidance_takes_the_conditions_token_counts_and_resize_rule() -> None:
+    cond = CnCConditions(fg_tokens=torch.zeros(1, 3, 5), bg_tokens=torch.zeros(1, 2, 5),
+                         mask=torch.ones(1, 1, 4, 4), mask_resize="area")
+    guidance = cond.soft_guidance((4, 4), 2)
+    assert (guidance.num_fg_tokens, guidance.num_bg_tokens, guidance.mask_resize) == (3, 2, "area")
+
+
+def test_per_prompt_masks_are_tiled_over_the_unet_batch() -> None:
+    """Two prompts, each with its mask, under CFG: the UNet batch is [uncond_1, uncond_2, text_1, text_2]."""
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, ..., :2] = 1  # prompt 1: left half
+    mask[1, ..., 2:, :] = 1  # prompt 2: bottom half
+    cond = CnCConditions(fg_tokens=torch.zeros(2, 4, 3), bg_tokens=torch.zeros(2, 4, 3), mask=mask)
+    unet = _Recorder()
+    cnc_noise_prediction(unet, None, torch.zeros(4, 4, 4, 4), 5, torch.zeros(4, 2, 3), cond)
+    guidance = unet.calls[0]["cross_attention_kwargs"]["soft_guidance"]
+    assert torch.equal(guidance.mask, torch.cat([mask, mask]))
+
+
+@pytest.mark.parametrize("given", ["fg", "bg"])
+def test_a_missing_depth_map_reaches_the_local_fuser_as_zeros(given: str) -> None:
+    depth = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = CnCConditions(**{f"{given}_depth": depth}, depth_scale=0.7)
+    fuser, unet = _Recorder(residuals=True), _Recorder()
+    cnc_noise_prediction(unet, fuser, torch.zeros(2, 4, 1, 1), 5, torch.zeros(2, 2, 3), cond)
+    call = fuser.calls[0]
+    other = "bg" if given == "fg" else "fg"
+    assert torch.equal(call[f"{given}_depth"], depth.expand(2, -1, -1, -1))
+    assert torch.equal(call[f"{other}_depth"], torch.zeros(2, 3, 8, 8))
+    assert call["conditioning_scale"] == 0.7
+    assert "down_block_additional_residuals" in unet.calls[0]
