@@ -62,3 +62,19 @@ def test_live_features_modulate_each_norm_with_its_own_groups(skip_time_act: boo
         got = fdn(x, temb, f)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert (got - resnet(x, temb)).abs().max() > 1e-3  # the features do act
+
+
+def test_the_local_fuser_scales_by_one_unless_told() -> None:
+    """``conditioning_scale`` defaults to 1: the residuals of a call without it equal a call with 1.0."""
+    from cnc_model.cnc.local_fuser import LocalFuser
+    from cnc_model.tiny import tiny_sd_components
+
+    fuser = LocalFuser.from_unet(tiny_sd_components(0)["unet"]).eval()
+    with torch.no_grad():
+        for conv in [*fuser.controlnet_down_blocks, fuser.controlnet_mid_block, *fuser.depth_encoder.zero_convs]:
+            conv.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+        gen = torch.Generator().manual_seed(4)
+        args = (torch.randn(1, 4, 8, 8, generator=gen), 5, torch.randn(1, 77, 32, generator=gen),
+                torch.rand(1, 3, 64, 64, generator=gen), torch.rand(1, 3, 64, 64, generator=gen))
+        default, one = fuser(*args).mid_block_res_sample, fuser(*args, conditioning_scale=1.0).mid_block_res_sample
+    assert default.abs().max() > 1e-4 and torch.equal(default, one)
