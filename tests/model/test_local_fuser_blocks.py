@@ -10,9 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 
-from cnc_model.cnc.local_fuser import FDNResnetBlock2D
+from cnc_model.cnc.local_fuser import FDNResnetBlock2D, LocalFuser
+from cnc_model.tiny import tiny_sd_components
 
 IN, OUT, TEMB, FEAT, EPS = 8, 16, 12, 6, 1e-3
 
@@ -66,9 +69,6 @@ def test_live_features_modulate_each_norm_with_its_own_groups(skip_time_act: boo
 
 def test_the_local_fuser_scales_by_one_unless_told() -> None:
     """``conditioning_scale`` defaults to 1: the residuals of a call without it equal a call with 1.0."""
-    from cnc_model.cnc.local_fuser import LocalFuser
-    from cnc_model.tiny import tiny_sd_components
-
     fuser = LocalFuser.from_unet(tiny_sd_components(0)["unet"]).eval()
     with torch.no_grad():
         for conv in [*fuser.controlnet_down_blocks, fuser.controlnet_mid_block, *fuser.depth_encoder.zero_convs]:
@@ -78,3 +78,133 @@ def test_the_local_fuser_scales_by_one_unless_told() -> None:
                 torch.rand(1, 3, 64, 64, generator=gen), torch.rand(1, 3, 64, 64, generator=gen))
         default, one = fuser(*args).mid_block_res_sample, fuser(*args, conditioning_scale=1.0).mid_block_res_sample
     assert default.abs().max() > 1e-4 and torch.equal(default, one)
+
+
+class _GainProcessor(AttnProcessor2_0):
+    """Scales every attention output by ``gain`` (a ``cross_attention_kwargs`` entry), so a call
+    that drops ``cross_attention_kwargs`` on its way to an attention layer shows."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, gain=1.0):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb) * gain
+
+
+def _set_gain_processors(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.set_processor(_GainProcessor())
+
+
+def _fuser_that_copies_the_unet() -> tuple[UNet2DConditionModel, LocalFuser]:
+    """A float64 tiny UNet with perturbed norms and a fuser whose FDN norms reproduce the UNet's
+    affine ones (zero gamma/beta kernels, biases ``weight - 1`` and ``bias``) and whose zero convs
+    are identities: its residuals are then the UNet's own skips and mid-block output."""
+    unet = tiny_sd_components(0)["unet"].eval()
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in unet.modules():
+            if isinstance(m, torch.nn.GroupNorm) and m.affine:
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=gen))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=gen))
+    # copied in float32 (exact), then both in float64
+    fuser = LocalFuser.from_unet(unet).double().eval()
+    unet = unet.double()
+    with torch.no_grad():
+        for level, block in enumerate(fuser.down_blocks):
+            plain = unet.down_blocks[level].resnets[0]
+            for fdn, norm in ((block.resnets[0].norm_in, plain.norm1), (block.resnets[0].norm_out, plain.norm2)):
+                fdn.conv_gamma.weight.zero_()
+                fdn.conv_beta.weight.zero_()
+                fdn.conv_gamma.bias.copy_(norm.weight - 1)
+                fdn.conv_beta.bias.copy_(norm.bias)
+        for conv in [*fuser.controlnet_down_blocks, fuser.controlnet_mid_block]:
+            conv.weight.copy_(torch.eye(conv.in_channels, dtype=torch.float64)[:, :, None, None])
+            conv.bias.zero_()
+    _set_gain_processors(unet)
+    _set_gain_processors(fuser)
+    return unet, fuser
+
+
+def _unet_skips(unet: UNet2DConditionModel, sample, timesteps, context, kwargs):
+    """diffusers' own down path: every skip the UNet keeps, and the mid block's output."""
+    emb = unet.time_embedding(unet.time_proj(timesteps).to(sample.dtype))
+    h = unet.conv_in(sample)
+    skips = [h]
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, res = block(h, emb, encoder_hidden_states=context, cross_attention_kwargs=kwargs)
+        else:
+            h, res = block(h, emb)
+        skips += res
+    return skips, unet.mid_block(h, emb, encoder_hidden_states=context, cross_attention_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("timestep, per_sample", [
+    (7, (7, 7)), (7.0, (7, 7)), (torch.tensor(7), (7, 7)), (torch.tensor([3, 700]), (3, 700)),
+])
+def test_the_fuser_copy_computes_the_unets_skips_scaled(timestep, per_sample) -> None:
+    """With norms and zero convs that make the fuser a copy of the UNet's down path, its residuals
+    are ``conditioning_scale`` times the UNet's skips, in order, and its mid residual the mid
+    block's output: the timestep (a number, a 0-d tensor, one per sample), the text context and
+    ``cross_attention_kwargs`` reach every block, every resnet, attention and downsampler is run
+    once, in order."""
+    unet, fuser = _fuser_that_copies_the_unet()
+    gen = torch.Generator().manual_seed(6)
+    sample = torch.randn(2, 4, 8, 16, generator=gen, dtype=torch.float64)
+    context = torch.randn(2, 77, 32, generator=gen, dtype=torch.float64)
+    fg, bg = (torch.rand(2, 3, 64, 128, generator=gen, dtype=torch.float64) for _ in range(2))
+    kwargs = {"gain": 0.7}
+    with torch.no_grad():
+        skips, mid = _unet_skips(unet, sample, torch.tensor(per_sample), context, kwargs)
+        out = fuser(sample, timestep, context, fg, bg, conditioning_scale=0.5, cross_attention_kwargs=kwargs)
+        _, mid_without_kwargs = _unet_skips(unet, sample, torch.tensor(per_sample), context, None)
+    assert (mid_without_kwargs - mid).abs().max() > 1e-3  # the gain does act
+    assert len(out.down_block_res_samples) == len(skips) == 1 + 2 * 2 + 1
+    for got, want in zip(out.down_block_res_samples, skips):
+        torch.testing.assert_close(got, 0.5 * want, rtol=0, atol=1e-10)
+    torch.testing.assert_close(out.mid_block_res_sample, 0.5 * mid, rtol=0, atol=1e-10)
+
+
+def test_gradient_checkpointing_runs_only_when_enabled_and_training_and_changes_nothing() -> None:
+    """``enable_gradient_checkpointing`` makes a forward with gradients run every resnet and
+    attention through ``_checkpointed``; without it, or under ``no_grad``, nothing is
+    checkpointed. Checkpointed or not, outputs and gradients are the same."""
+    fuser = LocalFuser.from_unet(tiny_sd_components(0)["unet"]).double()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for conv in [*fuser.controlnet_down_blocks, fuser.controlnet_mid_block, *fuser.depth_encoder.zero_convs]:
+            conv.weight.normal_(0, 0.05, generator=gen)
+    calls = []
+
+    def spy(module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return LocalFuser._checkpointed(module, *args, **kwargs)
+
+    fuser._checkpointed = spy
+    sample = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    context = torch.randn(2, 77, 32, generator=gen, dtype=torch.float64)
+    fg, bg = (torch.rand(2, 3, 64, 64, generator=gen, dtype=torch.float64) for _ in range(2))
+    kwargs = {"gain": 0.7}
+    _set_gain_processors(fuser)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        fuser.zero_grad()
+        down, mid = fuser(sample, torch.tensor([3, 700]), context, fg, bg, cross_attention_kwargs=kwargs,
+                          return_dict=False)
+        loss = sum((r * torch.linspace(-1, 1, r.numel(), dtype=r.dtype).view(r.shape)).sum() for r in (*down, mid))
+        loss.backward()
+        return torch.cat([r.flatten() for r in (*down, mid)]).detach(), [p.grad.clone() for p in fuser.parameters()]
+
+    plain_out, plain_grads = run()
+    assert calls == []
+    fuser.enable_gradient_checkpointing()
+    with torch.no_grad():
+        fuser(sample, 5, context, fg, bg)
+    assert calls == []
+    ckpt_out, ckpt_grads = run()
+    # level 0: 2 FDN/plain resnets + 2 transformers; level 1: 2 resnets
+    assert calls == ["FDNResnetBlock2D", "Transformer2DModel", "ResnetBlock2D", "Transformer2DModel",
+                     "FDNResnetBlock2D", "ResnetBlock2D"]
+    torch.testing.assert_close(ckpt_out, plain_out, rtol=0, atol=1e-12)
+    assert plain_out.abs().max() > 1e-4
+    for a, b in zip(ckpt_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
