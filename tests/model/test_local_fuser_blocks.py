@@ -1,9 +1,15 @@
-"""The FDN ResBlock is diffusers' ``ResnetBlock2D`` with depth-modulated norms, written out by hand:
-with silent depth features (zero gamma and beta convs) it is the wrapped block bit for bit, and with
-live ones each norm is ``GroupNorm(x) * (1 + gamma(f)) + beta(f)`` with its own groups. The two norms
-have different group counts and the block has a shortcut, a time projection and an output scale,
-so a swapped norm, a skipped activation or a dropped scale shows. Written to kill the mutants of
-``local_fuser.py`` that survived ``make mutants`` (docs/testing.md). float64, seeded."""
+"""The local fuser's parts written out by hand, to kill the mutants of ``local_fuser.py`` that
+survived ``make mutants`` (docs/testing.md). float64, seeded.
+
+* The FDN ResBlock is diffusers' ``ResnetBlock2D`` with depth-modulated norms: with silent depth
+  features it is the wrapped block bit for bit; with live ones each norm is
+  ``GroupNorm(x) * (1 + gamma(f)) + beta(f)`` with its own groups (the two norms have different
+  group counts, the block a shortcut, a time projection and an output scale).
+* With FDN norms that reproduce the UNet's and identity zero convs, the fuser's residuals are the
+  UNet's own skips and mid output (diffusers' blocks called directly) times ``conditioning_scale``.
+* The depth encoder is the official layout, computed with ``F.conv2d``.
+* Gradient checkpointing, ``from_unet``'s dtype and depth channels, the error texts.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 
-from cnc_model.cnc.local_fuser import FDNResnetBlock2D, LocalFuser
+from cnc_model.cnc.local_fuser import FDN, DepthEncoder, FDNResnetBlock2D, LocalFuser
 from cnc_model.tiny import tiny_sd_components
 
 IN, OUT, TEMB, FEAT, EPS = 8, 16, 12, 6, 1e-3
@@ -146,12 +152,13 @@ def test_the_fuser_copy_computes_the_unets_skips_scaled(timestep, per_sample) ->
     are ``conditioning_scale`` times the UNet's skips, in order, and its mid residual the mid
     block's output: the timestep (a number, a 0-d tensor, one per sample), the text context and
     ``cross_attention_kwargs`` reach every block, every resnet, attention and downsampler is run
-    once, in order."""
+    once, in order; float32 depth maps are cast to the sample's dtype."""
     unet, fuser = _fuser_that_copies_the_unet()
     gen = torch.Generator().manual_seed(6)
     sample = torch.randn(2, 4, 8, 16, generator=gen, dtype=torch.float64)
     context = torch.randn(2, 77, 32, generator=gen, dtype=torch.float64)
-    fg, bg = (torch.rand(2, 3, 64, 128, generator=gen, dtype=torch.float64) for _ in range(2))
+    # float32 depth maps, as the pipelines prepare them: the fuser casts them to the sample's dtype
+    fg, bg = (torch.rand(2, 3, 64, 128, generator=gen) for _ in range(2))
     kwargs = {"gain": 0.7}
     with torch.no_grad():
         skips, mid = _unet_skips(unet, sample, torch.tensor(per_sample), context, kwargs)
@@ -208,3 +215,71 @@ def test_gradient_checkpointing_runs_only_when_enabled_and_training_and_changes_
     assert plain_out.abs().max() > 1e-4
     for a, b in zip(ckpt_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_fdn_reports_both_sizes_of_a_mismatch() -> None:
+    """Features of another size than the activations: the error names both (height, width)."""
+    fdn = FDN(channels=8, feature_channels=6, groups=2)
+    with pytest.raises(ValueError, match=r"^depth features \(4, 7\) do not match activations \(5, 7\)$"):
+        fdn(torch.zeros(1, 8, 5, 7), torch.zeros(1, 6, 4, 7))
+
+
+@pytest.mark.parametrize("kind", ["down", "up", "scale_shift"])
+def test_fdn_refuses_resnet_blocks_it_cannot_reproduce(kind: str) -> None:
+    """A resampling ResBlock or one with another time-embedding norm would lose that part silently."""
+    options = {"down": dict(down=True), "up": dict(up=True), "scale_shift": dict(time_embedding_norm="scale_shift")}
+    resnet = ResnetBlock2D(in_channels=IN, out_channels=OUT, temb_channels=TEMB, groups=2, **options[kind])
+    with pytest.raises(ValueError, match=r"^FDN supports plain ResnetBlock2D \(no up/down sampling, default time norm\)$"):
+        FDNResnetBlock2D(resnet, FEAT)
+
+
+def test_depth_encoder_is_the_official_layout_computed_by_hand() -> None:
+    """Each stream is 3x3 convs ``3 -> 32 -> 64 -> 64 -> 64`` with strides 1, 2, 1, 2, each followed
+    by SiLU; the streams' outputs are concatenated fg first; each level is a 3x3 stride-2 conv with
+    SiLU, then a 3x3 zero conv. Parameter names and shapes are the ones converted checkpoints load
+    into; the features equal the computation written out with ``F.conv2d``."""
+    torch.manual_seed(0)
+    enc = DepthEncoder(3, (32, 64)).double()
+    shapes = {k: tuple(v.shape) for k, v in enc.state_dict().items() if k.endswith("weight")}
+    stream = {"0": (32, 3, 3, 3), "2": (64, 32, 3, 3), "4": (64, 64, 3, 3), "6": (64, 64, 3, 3)}
+    assert shapes == {
+        **{f"{s}_stream.{i}.weight": shape for s in ("fg", "bg") for i, shape in stream.items()},
+        "extractors.0.0.weight": (32, 128, 3, 3), "extractors.1.0.weight": (64, 32, 3, 3),
+        "zero_convs.0.weight": (32, 32, 3, 3), "zero_convs.1.weight": (64, 64, 3, 3),
+    }
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for conv in enc.zero_convs:
+            conv.weight.normal_(0, 0.1, generator=gen)
+            conv.bias.normal_(0, 0.1, generator=gen)
+    fg, bg = (torch.rand(2, 3, 64, 96, generator=gen, dtype=torch.float64) for _ in range(2))
+
+    def conv(x: torch.Tensor, layer: torch.nn.Conv2d, stride: int) -> torch.Tensor:
+        return F.conv2d(x, layer.weight, layer.bias, stride=stride, padding=1)
+
+    def stream_by_hand(layers: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        for index, stride in zip((0, 2, 4, 6), (1, 2, 1, 2)):
+            x = F.silu(conv(x, layers[index], stride))
+        return x
+
+    with torch.no_grad():
+        h = torch.cat([stream_by_hand(enc.fg_stream, fg), stream_by_hand(enc.bg_stream, bg)], dim=1)
+        want = []
+        for extractor, zero_conv in zip(enc.extractors, enc.zero_convs):
+            h = F.silu(conv(h, extractor[0], 2))
+            want.append(conv(h, zero_conv, 1))
+        got = enc(fg, bg)
+    assert [tuple(f.shape) for f in got] == [(2, 32, 8, 12), (2, 64, 4, 6)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+def test_from_unet_keeps_the_unets_dtype_and_the_depth_channels_asked_for() -> None:
+    """A half-precision UNet gives a half-precision fuser holding the UNet's weights exactly; a
+    ``depth_channels=1`` fuser takes gray depth maps."""
+    unet = tiny_sd_components(0)["unet"].half()
+    fuser = LocalFuser.from_unet(unet, depth_channels=1)
+    assert fuser.dtype == torch.float16 and fuser.config.depth_channels == 1
+    assert fuser.depth_encoder.fg_stream[0].in_channels == fuser.depth_encoder.bg_stream[0].in_channels == 1
+    assert torch.equal(fuser.conv_in.weight, unet.conv_in.weight)
+    assert torch.equal(fuser.down_blocks[1].resnets[0].conv2.weight, unet.down_blocks[1].resnets[0].conv2.weight)
