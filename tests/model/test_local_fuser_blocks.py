@@ -229,7 +229,8 @@ def test_fdn_refuses_resnet_blocks_it_cannot_reproduce(kind: str) -> None:
     """A resampling ResBlock or one with another time-embedding norm would lose that part silently."""
     options = {"down": dict(down=True), "up": dict(up=True), "scale_shift": dict(time_embedding_norm="scale_shift")}
     resnet = ResnetBlock2D(in_channels=IN, out_channels=OUT, temb_channels=TEMB, groups=2, **options[kind])
-    with pytest.raises(ValueError, match=r"^FDN supports plain ResnetBlock2D \(no up/down sampling, default time norm\)$"):
+    message = r"^FDN supports plain ResnetBlock2D \(no up/down sampling, default time norm\)$"
+    with pytest.raises(ValueError, match=message):
         FDNResnetBlock2D(resnet, FEAT)
 
 
