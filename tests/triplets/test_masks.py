@@ -73,3 +73,42 @@ def test_paste_unmasked_keeps_the_source_outside_the_mask():
     mask[1:3, 1:3] = 255
     out = M.paste_unmasked(gen, src, mask)
     assert np.array_equal(out[mask > 0], gen[mask > 0]) and np.array_equal(out[mask == 0], src[mask == 0])
+
+
+def _png_bytes(array: np.ndarray, mode: str) -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decode_image_gives_rgb_for_gray_and_rgba_sources():
+    """Gray and RGBA sources exist in web datasets; the triplet columns are HxWx3 whatever came in."""
+    gray = np.array([[0, 90], [180, 255]], np.uint8)
+    assert np.array_equal(M.decode_image(_png_bytes(gray, "L")), np.repeat(gray[..., None], 3, axis=2))
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2], rgba[..., 3] = 200, 100, 50, 7
+    out = M.decode_image(_png_bytes(rgba, "RGBA"))
+    assert out.shape == (2, 2, 3) and out.dtype == np.uint8 and out[0, 0].tolist() == [200, 100, 50]
+
+
+def test_decode_mask_of_an_rgb_mask_is_one_channel():
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[:, 1:] = 255  # white object on black, saved as RGB
+    out = M.decode_mask(_png_bytes(rgb, "RGB"))
+    assert out.dtype == np.uint8 and out.tolist() == [[0, 255, 255], [0, 255, 255]]
+
+
+def test_paste_unmasked_stays_uint8():
+    """The background column is PNG-encoded: a float result would not be a valid RGB image."""
+    out = M.paste_unmasked(np.full((2, 2, 3), 200, np.uint8), np.full((2, 2, 3), 10, np.uint8),
+                           np.array([[255, 0], [0, 0]], np.uint8))
+    assert out.dtype == np.uint8 and out[..., 0].tolist() == [[200, 10], [10, 10]]
+
+
+@pytest.mark.parametrize("spread, blank", [(8, True), (9, False)])
+def test_is_blank_tolerance_is_inclusive_and_eight_by_default(spread, blank):
+    """The range max - min may reach the tolerance (8, as the filter stage's default) and still count as flat."""
+    img = np.full((4, 4, 3), 100, np.uint8)
+    img[0, 0, 0] = 100 + spread
+    assert M.is_blank(img) is blank
+    assert M.is_blank(img, tolerance=spread) is True and M.is_blank(img, tolerance=spread - 1) is False
