@@ -41,6 +41,7 @@ def test_prefect_parameter_defaults_are_the_configs():
     triplets = defaults(BuildTripletsParams)
     assert {k: triplets[k] for k in (*TRIPLETS, "size", "shard_size")} == {
         **TRIPLETS, "size": IngestConfig.size, "shard_size": IngestConfig.shard_size}
+    assert defaults(IngestParams)["executor"] == triplets["executor"] == RunOptions.executor
     stage = defaults(StageParams)
     assert {k: stage[k] for k in ("batch_size", "num_gpus", "num_cpus", "min_actors", "max_actors", "memory_gib")} == {
         "batch_size": StageOptions.batch_size, "num_gpus": StageOptions.num_gpus, "num_cpus": StageOptions.num_cpus,
