@@ -228,9 +228,11 @@ def time_commands(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_ingest import _timed  # noqa: E402 - the same timing of a command as the ingest benchmark
 
-    cnc = str(Path(sys.executable).with_name("cnc"))
+    # `cnc` as `python -m flows.cli` from this checkout (an installed `cnc` may run another checkout's code)
+    cnc = [sys.executable, "-m", "flows.cli"]
     executors = [e for e in args.executors.split(",") if e]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bench-prefect-"))
     sizes = (args.n // 2, args.n)
     times: dict[tuple[str, int], list[tuple[float, float]]] = {(e, n): [] for e in executors for n in sizes}
@@ -247,7 +249,7 @@ def time_commands(args: argparse.Namespace) -> None:
                 for n in sizes:
                     out = Path(tmp) / f"out-{ex}-{n}"
                     shutil.rmtree(out, ignore_errors=True)
-                    cmd = [cnc, "build-triplets", "--source-format", "folder", "--source", str(Path(tmp) / f"photos-{n}"),
+                    cmd = [*cnc, "build-triplets", "--source-format", "folder", "--source", str(Path(tmp) / f"photos-{n}"),
                            "--out", str(out), "--size", str(args.size), "--shard-size", str(max(1, n // 2)),
                            "--inpaint-steps", str(args.steps), "--executor", ex]
                     wall, cpu = _timed(cmd, env, ROOT)

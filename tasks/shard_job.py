@@ -342,7 +342,7 @@ def choose_executor(requested: str, job: ShardJob, num_pending: int | None = Non
     if "processes" not in job.executors:
         return "ray", f"{job.kind} with these options runs its pools on Ray"
     if num_pending is not None and num_pending <= 1 or (os.cpu_count() or 1) == 1:
-        return "local", "one piece of work (or one core): no worker to start"
+        return "local", "too little work to share among workers (or one core): this process"
     return "processes", "one machine and no RAY_ADDRESS: a process pool (use --executor ray for Ray)"
 
 

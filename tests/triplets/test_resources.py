@@ -123,3 +123,27 @@ def test_the_process_pool_has_one_worker_per_core_and_fits_the_models_in_memory(
     assert pool_workers(16, 1, "sd15", 64.0) == 6  # 0.8 x 64 GiB at 8 GiB per process of sd15 models
     assert pool_workers(16, 1, "sd15", 4.0) == 1  # never fewer than one
     assert pool_workers(2, 1, "tiny", None) == 2  # memory unknown: CPUs decide
+
+
+def test_auto_runs_a_small_job_here_and_a_larger_one_on_the_process_pool(monkeypatch):
+    """A worker pays the model imports once: auto starts a pool only when two workers get two
+    batches each, even from one shard; GPU stages go to Ray."""
+    import tasks.shard_job as sj
+    from tasks.shard_job import Shard, choose_executor
+    from tasks.triplets.job import TripletsConfig, TripletsJob
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(sj, "_ray_running", lambda: False)
+    monkeypatch.setattr(sj.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr("tasks.triplets.job.os.cpu_count", lambda: 2)
+    job = TripletsJob(TripletsConfig("/in", "/out", stages={"inpaint": StageOptions(batch_size=8)}), {})
+
+    def pick(*sizes: int) -> str:
+        pending = [Shard(i, [], n, "", "/out/shards") for i, n in enumerate(sizes)]
+        return choose_executor("auto", job, job.parallel_units(pending))[0]
+
+    assert pick(24) == "local"  # 3 batches: one worker would get two
+    assert pick(32) == "processes"  # 4 batches, one shard
+    assert pick(8, 8, 8, 8) == "processes"
+    gpu = TripletsJob(TripletsConfig("/in", "/out", stages={"inpaint": StageOptions(num_gpus=1)}), {})
+    assert choose_executor("auto", gpu, 100)[0] == "ray" and "processes" not in gpu.executors
