@@ -249,7 +249,8 @@ def time_commands(args: argparse.Namespace) -> None:
                 for n in sizes:
                     out = Path(tmp) / f"out-{ex}-{n}"
                     shutil.rmtree(out, ignore_errors=True)
-                    cmd = [*cnc, "build-triplets", "--source-format", "folder", "--source", str(Path(tmp) / f"photos-{n}"),
+                    src = str(Path(tmp) / f"photos-{n}")
+                    cmd = [*cnc, "build-triplets", "--source-format", "folder", "--source", src,
                            "--out", str(out), "--size", str(args.size), "--shard-size", str(max(1, n // 2)),
                            "--inpaint-steps", str(args.steps), "--executor", ex]
                     wall, cpu = _timed(cmd, env, ROOT)

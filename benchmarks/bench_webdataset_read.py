@@ -72,7 +72,8 @@ def main() -> None:
         streamed_bytes = sum(shard[-1][1][1] for shard in shards)
         print(f"one tar of {args.n} samples ({size / 2**20:.0f} MiB), {len(shards)} shards of {args.shard_size}, "
               f"best of {args.repeat}")
-        print(f"  streaming each shard's tar from its start: {best[False]:7.3f}s, ~{streamed_bytes / 2**20:8.0f} MiB read")
+        mib = streamed_bytes / 2**20
+        print(f"  streaming each shard's tar from its start: {best[False]:7.3f}s, ~{mib:8.0f} MiB read")
         print(f"  located ranged reads:                      {best[True]:7.3f}s,  {size / 2**20:8.0f} MiB read")
         print(f"RATIO located / streaming speed: {best[False] / best[True]:.2f}x")
 

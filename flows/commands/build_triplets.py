@@ -74,7 +74,7 @@ def build_triplets(
     except (SourceError, OutputConflict, OutputBusy, ShardJobFailed, TripletsInputError, OSError, ValueError) as exc:
         fail_with(exc)
     typer.echo(f"triplets: {result.summary()}")
-    typer.echo(f"triplets: {result.num_inputs_run / max(result.seconds, 1e-9):.2f} sources/s over {result.seconds:.1f} s "
-               f"on {result.executor}")
+    rate = result.num_inputs_run / max(result.seconds, 1e-9)
+    typer.echo(f"triplets: {rate:.2f} sources/s over {result.seconds:.1f} s on {result.executor}")
     if result.preview_url:
         typer.echo(f"contact sheet: {result.preview_url}")
