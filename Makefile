@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # CPU build of torch (see constraints/cpu.txt); users on GPUs install the project without it.
 CONSTRAINTS ?= constraints/cpu.txt
 PYTEST_ARGS ?=
+# `make test` lists its slowest tests: the suite must stay under 20 minutes (docs/testing.md)
+DURATIONS ?= 20
 
 .PHONY: install demo test test-fast mutants bench clean
 
@@ -20,7 +22,7 @@ demo: install
 	$(BIN)/cnc demo --out demo-output
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=$(DURATIONS) $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -197,10 +197,10 @@ class ShardJob:
     def process_shard(self, shard: Shard) -> dict[str, int]:
         raise NotImplementedError
 
-    def parallel_units(self, pending: list[Shard]) -> int:
-        """How many pieces of work the pending shards can be split into (``auto`` starts no worker
-        for one). The default: one per shard."""
-        return len(pending)
+    def parallel_units(self, pending: list[Shard], opts: RunOptions) -> int:
+        """How many pieces of work the pending shards can be split into among ``opts.workers``
+        (``auto`` starts no worker for one). The default: one per shard, at most one per worker."""
+        return min(len(pending), opts.workers) if opts.workers else len(pending)
 
     def begin(self, opts: RunOptions, finished: bool) -> None:
         """Called under the lease, after the claim and before :meth:`plan`; ``finished`` says whether
@@ -369,7 +369,7 @@ def run_shard_job(job: ShardJob, opts: RunOptions | None = None) -> Any:
         if job.extendable and finished and pending and not (opts.extend or opts.resume):
             raise OutputConflict(f"{job.out_url} holds a finished run and its input has {len(pending)} new "
                                  f"shard(s); pass --extend to append them")
-        executor, why = choose_executor(opts.executor, job, job.parallel_units(pending))
+        executor, why = choose_executor(opts.executor, job, job.parallel_units(pending, opts))
         opts = replace(opts, executor=executor)
         log.info("%s: %d of %d shards to do on %s (%s)", job.kind, len(pending), len(shards), executor, why)
         if opts.announce and pending:

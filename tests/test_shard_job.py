@@ -294,6 +294,10 @@ def test_auto_picks_and_says_why(tmp_path, memory_url, monkeypatch):
     run_shard_job(Toy(str(tmp_path / "o"), [["a"], ["b"]]), RunOptions(executor="auto", announce=heard.append))
     assert heard == ["toy: executor processes (one machine and no RAY_ADDRESS: a process pool "
                      "(use --executor ray for Ray))"]
+    heard.clear()
+    run_shard_job(Toy(str(tmp_path / "o1"), [["a"], ["b"]]),
+                  RunOptions(executor="auto", workers=1, announce=heard.append))
+    assert heard == ["toy: executor local (too little work to share among workers (or one core): this process)"]
 
 
 def test_pool_workers_die_with_a_run_that_is_killed_outright(tmp_path):

@@ -206,14 +206,14 @@ class TripletsJob(ShardJob):
     def identity(self) -> dict[str, Any]:
         return self.cfg.identity()
 
-    def parallel_units(self, pending: list[Shard]) -> int:
+    def parallel_units(self, pending: list[Shard], opts: RunOptions) -> int:
         """Workers that would each get at least two model batches (batches, not shards: a one-shard
         job of many batches still keeps every worker busy). Every worker pays the model imports and
         builds (~8 CPU-s for the tiny preset, docs/benchmarks.md), so ``auto`` starts a pool only
         when at least two workers have that much to do; a smaller job runs in this process."""
         bs = self.cfg.options("inpaint").batch_size
         batches = sum(-(-(s.size or 0) // bs) for s in pending)
-        return min(batches // 2, pool_workers(self.cfg, RunOptions()))
+        return min(batches // 2, pool_workers(self.cfg, opts))
 
     def plan(self) -> list[Shard]:
         """One shard per ingest shard; a grown ingest (``--extend``) adds shards after the existing ones."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tasks.run_options import RunOptions
 from tasks.triplets.job import StageOptions
 from tasks.triplets.resources import (
     TASK_CPUS,
@@ -138,12 +139,14 @@ def test_auto_runs_a_small_job_here_and_a_larger_one_on_the_process_pool(monkeyp
     monkeypatch.setattr("tasks.triplets.job.os.cpu_count", lambda: 2)
     job = TripletsJob(TripletsConfig("/in", "/out", stages={"inpaint": StageOptions(batch_size=8)}), {})
 
-    def pick(*sizes: int) -> str:
+    def pick(*sizes: int, workers: int | None = None) -> str:
         pending = [Shard(i, [], n, "", "/out/shards") for i, n in enumerate(sizes)]
-        return choose_executor("auto", job, job.parallel_units(pending))[0]
+        return choose_executor("auto", job, job.parallel_units(pending, RunOptions(workers=workers)))[0]
 
     assert pick(24) == "local"  # 3 batches: one worker would get two
     assert pick(32) == "processes"  # 4 batches, one shard
     assert pick(8, 8, 8, 8) == "processes"
+    assert pick(8, 8, 8, 8, workers=1) == "local"  # a pool of one is this process with extra steps
+    assert pick(8, 8, 8, 8, workers=2) == "processes"
     gpu = TripletsJob(TripletsConfig("/in", "/out", stages={"inpaint": StageOptions(num_gpus=1)}), {})
     assert choose_executor("auto", gpu, 100)[0] == "ray" and "processes" not in gpu.executors
