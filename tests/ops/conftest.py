@@ -59,6 +59,8 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.5, explai
     while time.monotonic() < deadline:
         try:
             last = condition()
+        except HeadDidNotStart:
+            raise
         except Exception as exc:  # noqa: BLE001 - reported if the deadline passes
             last = exc
         if last and not isinstance(last, Exception):
@@ -68,12 +70,42 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.5, explai
                 + (f"\n{explain()}" if explain else ""))
 
 
+class HeadDidNotStart(Exception):
+    """The head process ended while starting, or could not bind a port it was given."""
+
+
 @pytest.fixture(scope="session")
 def locked_head():
     """The local stack's Ray head; stopped (its whole process group) at the end."""
     if not (BIN / "ray").exists() or not shutil.which("bash"):
         pytest.skip(f"no ray executable beside {sys.executable}")
     tmp = Path(tempfile.mkdtemp(prefix="cnc-h-"))  # short: Ray's unix socket paths have a length limit
+    try:
+        proc, head = start_locked_head(tmp)
+        try:
+            yield head
+        finally:
+            _stop_group(proc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def start_locked_head(tmp: Path, attempts: int = 3) -> tuple[subprocess.Popen, Head]:
+    """Start the head and wait until it serves. Ray takes its ports from the command line, so they
+    are found free here and bound again by Ray, and another process can take one in between: the
+    head then exits (the GCS port) or runs without a dashboard, and it starts again on new ports."""
+    for attempt in range(1, attempts + 1):
+        proc, head = _start_head(tmp / str(attempt))
+        try:
+            _wait_until_serving(proc, head)
+            return proc, head
+        except HeadDidNotStart:
+            _stop_group(proc)
+    pytest.fail(f"the Ray head did not start, {attempts} times; the last log:\n{head.log.read_text()[-3000:]}")
+
+
+def _start_head(tmp: Path) -> tuple[subprocess.Popen, Head]:
+    tmp.mkdir(parents=True)
     ports = {name: free_port() for name in ("RAY_PORT", "DASHBOARD_PORT", "METRICS_PORT", "DASHBOARD_AGENT_PORT",
                                             "CLIENT_PORT", "DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT")}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "BIN": str(BIN), "RAY_TEMP_DIR": str(tmp / "ray"),
@@ -85,19 +117,43 @@ def locked_head():
     with open(log, "wb") as out:
         proc = subprocess.Popen(["bash", str(ROOT / "infra/local/ray-head.sh")], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp)
-    head = Head(f"http://127.0.0.1:{ports['DASHBOARD_PORT']}", ports["RAY_PORT"], ports["METRICS_PORT"], "", tmp / "ray",
-                log)
+    return proc, Head(f"http://127.0.0.1:{ports['DASHBOARD_PORT']}", ports["RAY_PORT"], ports["METRICS_PORT"], "",
+                      tmp / "ray", log)
+
+
+def _wait_until_serving(proc: subprocess.Popen, head: Head) -> None:
+    """Wait for the token, the dashboard and the node's metrics endpoint; :class:`HeadDidNotStart`
+    if the head process ends first or says a port was taken."""
+
+    def alive(condition):
+        def check():
+            if proc.poll() is not None:
+                raise HeadDidNotStart(f"exited with {proc.returncode}")
+            if "because it's already occupied" in head.log.read_text(errors="replace"):
+                raise HeadDidNotStart("a port was taken")  # Ray goes on without that server
+            return condition()
+        return check
+
+    token_file = head.temp_dir.parent / "token"
+    head.token = wait_for(alive(lambda: token_file.read_text().strip()), 60, "the token file")
+    wait_for(alive(lambda: http_status(f"{head.dashboard_url}/api/jobs/", head.headers()) == 200), 180,
+             f"the dashboard ({head.log})")
+    sd = head.temp_dir / "prom_metrics_service_discovery.json"
+    wait_for(alive(lambda: f":{head.metrics_port}" in json.dumps(json.loads(sd.read_text()))), 180,
+             "the node's metrics endpoint in the service-discovery file")
+
+
+def listening_port(pid: int) -> int:
+    """The TCP port process ``pid`` listens on, 0 while it listens on none."""
+    import psutil
+
     try:
-        head.token = wait_for(lambda: (tmp / "token").read_text().strip(), 60, "the token file")
-        wait_for(lambda: proc.poll() is None and http_status(f"{head.dashboard_url}/api/jobs/", head.headers()) == 200,
-                 180, f"the dashboard ({log})")
-        sd = tmp / "ray" / "prom_metrics_service_discovery.json"
-        wait_for(lambda: f":{ports['METRICS_PORT']}" in json.dumps(json.loads(sd.read_text())), 180,
-                 "the node's metrics endpoint in the service-discovery file")
-        yield head
-    finally:
-        _stop_group(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for conn in psutil.Process(pid).net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN:
+                return conn.laddr.port
+    except psutil.Error:
+        pass
+    return 0
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

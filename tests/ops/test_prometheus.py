@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tasks.ray_jobs import JobSpec, client, find_or_submit, stop
-from tests.ops.conftest import ROOT, free_port, wait_for
+from tests.ops.conftest import ROOT, listening_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +36,16 @@ def prometheus(locked_head, tmp_path):
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("prometheus is not installed (apt-get install prometheus)")
-    port = free_port()
-    env = {**os.environ, "PROMETHEUS_BIN": binary, "GRAFANA_BIN": "none", "PROMETHEUS_PORT": str(port),
+    # port 0: Prometheus binds a free port itself (nothing can take it between choosing and binding)
+    env = {**os.environ, "PROMETHEUS_BIN": binary, "GRAFANA_BIN": "none", "PROMETHEUS_PORT": "0",
            "RAY_TEMP_DIR": str(locked_head.temp_dir), "CNC_MONITORING_DIR": str(tmp_path / "mon")}
     subprocess.run(["bash", str(ROOT / "infra/local/monitoring.sh")], env=env, check=True, timeout=60,
                    capture_output=True)
     pid = int((tmp_path / "mon" / "prometheus.pid").read_text())
-    base = f"http://127.0.0.1:{port}"
     try:
+        port = wait_for(lambda: listening_port(pid), 60, "Prometheus listening",
+                        explain=lambda: (tmp_path / "mon" / "prometheus.log").read_text()[-2000:])
+        base = f"http://127.0.0.1:{port}"
         wait_for(lambda: urllib.request.urlopen(f"{base}/-/ready", timeout=5).status == 200, 60, "Prometheus ready")
         yield base
     finally:
