@@ -16,6 +16,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.ports import listening_port
+
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
@@ -59,7 +61,7 @@ class PrefectStack:
             if server.poll() is not None:
                 raise RuntimeError("prefect server exited:\n" + self.log("server.log"))
             if not self.port:
-                self.port = _listening_port(server.pid)
+                self.port = listening_port(server.pid)
             if self.port:
                 self.api = f"http://127.0.0.1:{self.port}/api"
                 try:
@@ -139,19 +141,6 @@ class PrefectStack:
 
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
-
-
-def _listening_port(pid: int) -> int:
-    """The TCP port process ``pid`` listens on, 0 while it listens on none."""
-    import psutil
-
-    try:
-        for conn in psutil.Process(pid).net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN:
-                return conn.laddr.port
-    except psutil.Error:
-        pass
-    return 0
 
 
 def flow_run_id(output: str) -> str:

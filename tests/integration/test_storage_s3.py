@@ -82,10 +82,8 @@ def flaky_endpoint(s3_server, monkeypatch):
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
 
-    from tests.integration.conftest import free_port
-
     flaky = _SlowDownEveryNth(DomainDispatcherApplication(create_backend_app), n=4)
-    server = make_server("127.0.0.1", free_port(), flaky, True, request_handler=MotoRequestHandler)
+    server = make_server("127.0.0.1", 0, flaky, True, request_handler=MotoRequestHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")

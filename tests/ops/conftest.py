@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,14 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -141,19 +136,6 @@ def _wait_until_serving(proc: subprocess.Popen, head: Head) -> None:
     sd = head.temp_dir / "prom_metrics_service_discovery.json"
     wait_for(alive(lambda: f":{head.metrics_port}" in json.dumps(json.loads(sd.read_text()))), 180,
              "the node's metrics endpoint in the service-discovery file")
-
-
-def listening_port(pid: int) -> int:
-    """The TCP port process ``pid`` listens on, 0 while it listens on none."""
-    import psutil
-
-    try:
-        for conn in psutil.Process(pid).net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN:
-                return conn.laddr.port
-    except psutil.Error:
-        pass
-    return 0
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tasks.ray_jobs import JobSpec, client, find_or_submit, stop
-from tests.ops.conftest import ROOT, listening_port, wait_for
+from tests.ops.conftest import ROOT, wait_for
+from tests.ports import listening_port
 
 pytestmark = pytest.mark.slow
 
