@@ -46,15 +46,20 @@ def http_status(url: str, headers: dict[str, str] | None = None, data: bytes | N
         return exc.code
 
 
+class GiveUp(Exception):
+    """Raised by a :func:`wait_for` condition: stop waiting now, the awaited state cannot come."""
+
+
 def wait_for(condition, timeout: float, what: str, interval: float = 0.5, explain=None):
     """Poll ``condition`` until it returns a truthy value (returned) or fail after ``timeout`` s;
-    ``explain()`` adds what the parts involved show to the failure message."""
+    ``explain()`` adds what the parts involved show to the failure message. Other exceptions
+    count as "not yet", except :class:`GiveUp`, which propagates."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         try:
             last = condition()
-        except HeadDidNotStart:
+        except GiveUp:
             raise
         except Exception as exc:  # noqa: BLE001 - reported if the deadline passes
             last = exc
@@ -65,7 +70,7 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.5, explai
                 + (f"\n{explain()}" if explain else ""))
 
 
-class HeadDidNotStart(Exception):
+class HeadDidNotStart(GiveUp):
     """The head process ended while starting, or could not bind a port it was given."""
 
 
